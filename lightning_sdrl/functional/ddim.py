@@ -1,0 +1,217 @@
+"""One DDIM step seen as a Gaussian policy: its mean, its standard deviation and log-densities.
+
+DDPO (Black et al. 2023) treats every denoising step ``x_t -> x_{t-1}`` of a DDIM sampler with
+``eta > 0`` as an action drawn from an isotropic Gaussian whose mean depends on the model. This file
+computes that Gaussian for a diffusers :class:`~diffusers.DDIMScheduler`, with one timestep per
+sample (so a batch may mix timesteps), and the log-density of a given ``x_{t-1}``.
+
+Equation numbers refer to Song et al., "Denoising Diffusion Implicit Models" (2021).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+
+class DDIMStepDistribution(NamedTuple):
+    """The Gaussian ``p(x_{t-1} | x_t)`` of one DDIM step.
+
+    Attributes:
+        mean: ``[B, ...]`` mean of ``x_{t-1}`` (same shape as the sample).
+        std: ``[B, 1, ..., 1]`` standard deviation, broadcastable to the sample.
+        pred_original_sample: ``[B, ...]`` the predicted ``x_0`` (after clipping, if configured).
+    """
+
+    mean: Tensor
+    std: Tensor
+    pred_original_sample: Tensor
+
+
+def _gather(values: Tensor, index: Tensor, ndim: int) -> Tensor:
+    """values[index] reshaped to ``[B, 1, ..., 1]`` with ``ndim`` dimensions in all."""
+    return values[index].reshape(-1, *([1] * (ndim - 1)))
+
+
+def _as_batch_timesteps(timestep: int | Tensor, batch_size: int, device: torch.device) -> Tensor:
+    timestep = torch.as_tensor(timestep, device=device).long()
+    if timestep.ndim == 0:
+        return timestep.expand(batch_size)
+    if timestep.shape != (batch_size,):
+        raise ValueError(
+            f"timestep has shape {list(timestep.shape)}; expected a scalar or shape [{batch_size}] "
+            "(one timestep per sample)"
+        )
+    return timestep
+
+
+def ddim_step_distribution(
+    scheduler: DDIMScheduler,
+    model_output: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    eta: float = 1.0,
+) -> DDIMStepDistribution:
+    """The Gaussian of one DDIM step ``x_t -> x_{t-1}``, with one timestep per sample allowed.
+
+    The mean is what :meth:`diffusers.DDIMScheduler.step` returns before it adds noise, and the
+    standard deviation is ``eta * sigma_t`` with ``sigma_t`` from formula (16) of the DDIM paper.
+
+    At the last step (``t - Δt < 0``) of a scheduler built with ``set_alpha_to_one=True``,
+    ``alpha_{t-1} = 1`` makes formula (16) exactly zero: the step is then a deterministic map with no
+    density, and DDPO could not score it. There we take ``sigma_t`` from formula (16) with
+    ``alpha_{t-1} = alphas_cumprod[0]`` (the value ``set_alpha_to_one=False`` uses), the smallest
+    noise level the training schedule defines, and keep the mean aimed at ``alpha_{t-1} = 1``
+    (the direction term ``sqrt(1 - alpha_{t-1} - sigma_t^2)`` is clamped at zero). With
+    ``set_alpha_to_one=False`` every step, the last included, is exactly the stock DDIM step.
+
+    Args:
+        scheduler: a diffusers ``DDIMScheduler`` on which ``set_timesteps`` was called.
+        model_output: ``[B, ...]`` the denoiser's output (epsilon, sample or v, per the scheduler's
+            ``prediction_type``).
+        timestep: the current timestep ``t``, a scalar or a ``[B]`` tensor.
+        sample: ``[B, ...]`` the current sample ``x_t``.
+        eta: DDIM's noise weight in ``(0, 1]``; 1 is DDPM-like sampling.
+
+    Returns:
+        The step's mean, standard deviation and predicted ``x_0``, in float32 or float64 (the
+        wider of float32 and the inputs' dtype), so that log-densities are not computed in half
+        precision.
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("scheduler.num_inference_steps is None; call scheduler.set_timesteps(n) first")
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"eta={eta}; expected 0 < eta <= 1 (eta = 0 is deterministic: no density)")
+    if scheduler.config.thresholding:
+        raise ValueError(
+            "scheduler.config.thresholding=True is not supported by ddim_step_distribution; "
+            "build the scheduler with thresholding=False"
+        )
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    sample, model_output = sample.to(dtype), model_output.to(dtype)
+    ndim, device = sample.ndim, sample.device
+    t = _as_batch_timesteps(timestep, sample.shape[0], device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=dtype)
+    final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=dtype)
+
+    # 1. previous timestep t - Δt, as in DDIMScheduler.step
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    # 2. alphas: alpha_t and alpha_{t-1} ("alpha" is the cumulative product, as in the DDIM paper)
+    alpha_t = _gather(alphas_cumprod, t, ndim)
+    is_last = (prev_t < 0).reshape(-1, *([1] * (ndim - 1)))
+    alpha_prev = torch.where(is_last, final_alpha, _gather(alphas_cumprod, prev_t.clamp(min=0), ndim))
+    beta_t = 1 - alpha_t
+    # 3. predicted x_0 and epsilon: formula (12)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        pred_x0 = (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt()
+        pred_eps = model_output
+    elif prediction_type == "sample":
+        pred_x0 = model_output
+        pred_eps = (sample - alpha_t.sqrt() * pred_x0) / beta_t.sqrt()
+    elif prediction_type == "v_prediction":
+        pred_x0 = alpha_t.sqrt() * sample - beta_t.sqrt() * model_output
+        pred_eps = alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+    else:
+        raise ValueError(f"scheduler prediction_type={prediction_type!r} is not supported")
+    if scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        pred_x0 = pred_x0.clamp(-limit, limit)
+    # 4. variance sigma_t^2: formula (16); floored at the last step when alpha_{t-1} = 1 (see above)
+    alpha_prev_for_var = torch.where(is_last & (alpha_prev >= 1), alphas_cumprod[0], alpha_prev)
+    variance = (1 - alpha_prev_for_var) / beta_t * (1 - alpha_t / alpha_prev_for_var)
+    std = eta * variance.sqrt()
+    # 5. mean: "x_0 direction" + "x_t direction" of formula (12)
+    direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt() * pred_eps
+    mean = alpha_prev.sqrt() * pred_x0 + direction
+    return DDIMStepDistribution(mean=mean, std=std, pred_original_sample=pred_x0)
+
+
+def gaussian_log_prob(value: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Log-density of an isotropic Gaussian, **averaged** over all non-batch dimensions.
+
+    Averaging (rather than summing) follows ddpo-pytorch, so its PPO clip ranges (e.g. 1e-4)
+    carry over unchanged.
+
+    Example:
+        >>> x = torch.zeros(2, 3)
+        >>> gaussian_log_prob(x, torch.zeros(2, 3), torch.ones(2, 1))
+        tensor([-0.9189, -0.9189])
+    """
+    value = value.to(mean.dtype)
+    log_prob = -((value - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    eta: float = 1.0,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step that also returns the log-probability of the step taken.
+
+    ``log_prob`` is the Gaussian log-density of ``prev_sample`` under
+    :func:`ddim_step_distribution`, **averaged over the non-batch dimensions** (the convention of
+    ddpo-pytorch, so its clip ranges carry over). With ``prev_sample`` given, nothing is sampled and
+    the log-probability of that sample is returned (how DDPO re-scores stored trajectories).
+
+    Args:
+        scheduler: a diffusers ``DDIMScheduler`` on which ``set_timesteps`` was called.
+        model_output: ``[B, ...]`` the denoiser's (guided) output at ``sample``.
+        timestep: the current timestep, a scalar or a ``[B]`` tensor (one per sample).
+        sample: ``[B, ...]`` the current sample ``x_t``.
+        eta: DDIM noise weight in ``(0, 1]``.
+        prev_sample: ``[B, ...]`` an ``x_{t-1}`` to score instead of sampling one.
+        generator: random generator(s) for the noise (ignored when ``prev_sample`` is given).
+
+    Returns:
+        ``(prev_sample, log_prob)``: ``prev_sample`` has the dtype of ``sample``; ``log_prob`` is
+        ``[B]`` in float32 (or float64 for float64 inputs).
+    """
+    dist = ddim_step_distribution(scheduler, model_output, timestep, sample, eta)
+    if prev_sample is None:
+        return sample_step(dist, sample.dtype, generator)
+    if prev_sample.shape != sample.shape:
+        raise ValueError(
+            f"prev_sample has shape {list(prev_sample.shape)}; expected {list(sample.shape)} (the sample's)"
+        )
+    return prev_sample, gaussian_log_prob(prev_sample, dist.mean, dist.std)
+
+
+def sample_step(
+    dist: DDIMStepDistribution,
+    dtype: torch.dtype,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Draw ``x_{t-1}`` from a step distribution; returns it (in ``dtype``) and its log-prob ``[B]``.
+
+    The log-prob is that of the sample after casting to ``dtype``, so re-scoring the stored
+    sample later gives the same number.
+    """
+    noise = randn_tensor(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
+    prev_sample = (dist.mean + dist.std * noise).to(dtype)
+    return prev_sample, gaussian_log_prob(prev_sample, dist.mean, dist.std)
+
+
+def gaussian_kl_same_std(mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor:
+    """KL(p || q) of two isotropic Gaussians with one shared std, averaged over non-batch dims.
+
+    For two DDIM step distributions at the same ``x_t`` (same ``sigma_t``), the KL is
+    ``||mu_p - mu_q||^2 / (2 sigma_t^2)``: exact, no sampling estimate. Averaged over dimensions
+    like :func:`gaussian_log_prob`.
+
+    Example:
+        >>> gaussian_kl_same_std(torch.ones(1, 4), torch.zeros(1, 4), torch.full((1, 1), 0.5))
+        tensor([2.])
+    """
+    kl = (mean_p - mean_q) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))

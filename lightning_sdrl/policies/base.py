@@ -1,0 +1,319 @@
+"""A diffusion model seen as a policy: sample trajectories with log-probs, re-score their steps.
+
+:class:`DiffusionPolicy` is the one interface DDPO and ReFL train. A subclass says how to turn
+prompts into conditioning, how to run its denoiser and how to decode a final sample into images;
+the sampling loop, classifier-free guidance (batched into one denoiser call) and step
+log-probabilities live here once.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor, nn
+
+from lightning_sdrl.functional.ddim import (
+    DDIMStepDistribution,
+    ddim_step_distribution,
+    gaussian_log_prob,
+    sample_step,
+)
+from lightning_sdrl.policies.lora import LoRASettings, lora_disabled
+
+
+@dataclass
+class Trajectory:
+    """Sampled denoising trajectories of a batch.
+
+    Attributes:
+        latents: ``[B, T+1, C, H, W]`` every sample ``x_T, ..., x_0`` of the chain.
+        timesteps: ``[B, T]`` the timestep of each step (step ``j`` maps ``latents[:, j]`` to
+            ``latents[:, j + 1]``).
+        log_probs: ``[B, T]`` log-probability of each step under the sampling policy (averaged
+            over latent dimensions, see :func:`~lightning_sdrl.functional.ddim_step_with_logprob`).
+        conditions: ``[B, ...]`` the policy's conditioning of each sample (prompt embeddings,
+            class indices).
+        prompt_ids: ``[B]`` index of each sample's prompt in the prompt source.
+        prompts: the ``B`` prompts.
+        images: ``[B, 3, H, W]`` decoded final samples in ``[0, 1]``.
+        means: ``[B, T, C, H, W]`` mean of each step's Gaussian under the sampling policy, kept
+            only when asked for (an exact KL trust region needs it).
+    """
+
+    latents: Tensor
+    timesteps: Tensor
+    log_probs: Tensor
+    conditions: Tensor
+    prompt_ids: Tensor
+    prompts: list[str]
+    images: Tensor
+    means: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        """Number of denoising steps ``T``."""
+        return self.timesteps.shape[1]
+
+    def select(self, index: Tensor) -> Trajectory:
+        """The trajectories at ``index`` (a ``[N]`` long tensor), in that order."""
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                values[field.name] = None
+            elif isinstance(value, Tensor):
+                values[field.name] = value[index.to(value.device)]
+            else:
+                values[field.name] = [value[i] for i in index.tolist()]
+        return Trajectory(**values)
+
+    @staticmethod
+    def cat(trajectories: list[Trajectory]) -> Trajectory:
+        """Concatenate trajectories along the batch dimension."""
+        if not trajectories:
+            raise ValueError("Trajectory.cat got an empty list")
+        values = {}
+        for field in fields(Trajectory):
+            parts = [getattr(t, field.name) for t in trajectories]
+            if any(part is None for part in parts):
+                values[field.name] = None
+            elif isinstance(parts[0], Tensor):
+                values[field.name] = torch.cat(parts)
+            else:
+                values[field.name] = sum(parts, [])
+        return Trajectory(**values)
+
+
+class DiffusionPolicy(nn.Module, abc.ABC):
+    """A conditional diffusion model sampled with DDIM, whose step log-probs can be recomputed.
+
+    Subclasses set ``self.unet`` (the trained denoiser), ``self.scheduler`` (a
+    ``DDIMScheduler``) and implement the four abstract methods.
+
+    Args:
+        lora: LoRA settings for the denoiser; ``None`` fine-tunes all its weights.
+        gradient_checkpointing: recompute denoiser activations in the backward pass.
+    """
+
+    unet: nn.Module
+    scheduler: DDIMScheduler
+
+    def __init__(self, lora: LoRASettings | None = None, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.lora = lora
+        self.gradient_checkpointing = gradient_checkpointing
+
+    # ----------------------------------------------------------------- subclass interface
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Conditioning for each prompt, ``[B, ...]``."""
+
+    @abc.abstractmethod
+    def null_condition(self, batch_size: int) -> Tensor:
+        """The unconditional conditioning for classifier-free guidance, ``[B, ...]``."""
+
+    @abc.abstractmethod
+    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Tensor) -> Tensor:
+        """The denoiser's raw output at ``sample`` (``timesteps`` is ``[B]``)."""
+
+    @abc.abstractmethod
+    def decode(self, sample: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` from final samples ``x_0``."""
+
+    @property
+    @abc.abstractmethod
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one sample ``x_t``."""
+
+    # ----------------------------------------------------------------- shared machinery
+    def _setup_trainable(self) -> None:
+        """Freeze everything, then make the denoiser (or its LoRA layers) trainable."""
+        self.requires_grad_(False)
+        if self.lora is not None:
+            self.lora.apply(self.unet)
+        else:
+            self.unet.requires_grad_(True)
+        if self.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser updates."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the denoiser."""
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype of the denoiser."""
+        return next(self.unet.parameters()).dtype
+
+    def guided_prediction(
+        self, sample: Tensor, timesteps: Tensor, conditions: Tensor, guidance_scale: float
+    ) -> Tensor:
+        """Denoiser output with classifier-free guidance, both branches in one denoiser call."""
+        if guidance_scale == 1.0:
+            return self.denoise(sample, timesteps, conditions)
+        batch = sample.shape[0]
+        both = self.denoise(
+            torch.cat([sample, sample]),
+            torch.cat([timesteps, timesteps]),
+            torch.cat([self.null_condition(batch).to(conditions.dtype), conditions]),
+        )
+        uncond, cond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def set_num_steps(self, num_steps: int) -> Tensor:
+        """Set the scheduler's inference timesteps; returns them (``[T]``, on the device)."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps={num_steps}; expected at least 1 denoising step")
+        if self.scheduler.num_inference_steps != num_steps:
+            self.scheduler.set_timesteps(num_steps)
+        return self.scheduler.timesteps.to(self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        num_steps: int = 50,
+        eta: float = 1.0,
+        guidance_scale: float = 5.0,
+        generator: torch.Generator | None = None,
+        prompt_ids: Tensor | None = None,
+        keep_means: bool = False,
+    ) -> Trajectory:
+        """Sample one trajectory per prompt, keeping every latent and step log-prob.
+
+        Args:
+            prompts: ``B`` prompts (or class names for class-conditional policies).
+            num_steps: DDIM steps ``T``.
+            eta: DDIM noise weight in ``(0, 1]``.
+            guidance_scale: classifier-free guidance weight (1 disables guidance).
+            generator: random generator on the policy's device, for reproducible samples.
+            prompt_ids: ``[B]`` ids of the prompts (default ``0..B-1``).
+            keep_means: also keep each step's Gaussian mean (``Trajectory.means``).
+        """
+        if not prompts:
+            raise ValueError("prompts is empty; expected at least one prompt to sample")
+        device = self.device
+        timesteps = self.set_num_steps(num_steps)
+        conditions = self.encode_prompts(prompts)
+        batch = len(prompts)
+        x = randn_tensor((batch, *self.sample_shape), generator=generator, device=device, dtype=self.dtype)
+        latents, log_probs, means = [x], [], []
+        for t in timesteps:
+            t_batch = t.expand(batch)
+            model_output = self.guided_prediction(x, t_batch, conditions, guidance_scale)
+            dist = ddim_step_distribution(self.scheduler, model_output, t_batch, x, eta)
+            x, log_prob = sample_step(dist, x.dtype, generator)
+            latents.append(x)
+            log_probs.append(log_prob)
+            if keep_means:
+                means.append(dist.mean)
+        if prompt_ids is None:
+            prompt_ids = torch.arange(batch)
+        return Trajectory(
+            latents=torch.stack(latents, dim=1),
+            timesteps=timesteps.unsqueeze(0).expand(batch, -1).clone(),
+            log_probs=torch.stack(log_probs, dim=1),
+            conditions=conditions,
+            prompt_ids=prompt_ids.to(device),
+            prompts=list(prompts),
+            images=self.decode(x),
+            means=torch.stack(means, dim=1) if keep_means else None,
+        )
+
+    def step_distribution(
+        self,
+        sample: Tensor,
+        timesteps: Tensor,
+        conditions: Tensor,
+        eta: float = 1.0,
+        guidance_scale: float = 5.0,
+    ) -> DDIMStepDistribution:
+        """The Gaussian of the step from ``sample`` at ``timesteps`` ``[B]`` (with gradients)."""
+        model_output = self.guided_prediction(sample, timesteps, conditions, guidance_scale)
+        return ddim_step_distribution(self.scheduler, model_output, timesteps, sample, eta)
+
+    def step_log_prob(
+        self,
+        trajectory: Trajectory,
+        step: Tensor,
+        eta: float = 1.0,
+        guidance_scale: float = 5.0,
+    ) -> tuple[Tensor, DDIMStepDistribution]:
+        """Log-prob ``[B]`` of the stored step ``step[i]`` of each trajectory ``i``, with gradients.
+
+        Args:
+            trajectory: stored trajectories of ``B`` samples.
+            step: ``[B]`` long tensor, which step of each trajectory to score.
+            eta: the DDIM noise weight used when sampling.
+            guidance_scale: the guidance used when sampling.
+
+        Returns:
+            The log-probs and the step distributions they come from.
+        """
+        rows = torch.arange(len(trajectory), device=trajectory.latents.device)
+        step = step.to(rows.device)
+        self.set_num_steps(trajectory.num_steps)
+        dist = self.step_distribution(
+            trajectory.latents[rows, step],
+            trajectory.timesteps[rows, step],
+            trajectory.conditions,
+            eta,
+            guidance_scale,
+        )
+        return gaussian_log_prob(trajectory.latents[rows, step + 1], dist.mean, dist.std), dist
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the pretrained (reference) model inside this block.
+
+        With LoRA the adapters are switched off; under full fine-tuning a frozen copy of the
+        denoiser made at the first call is swapped in.
+        """
+        if self.lora is not None:
+            with lora_disabled(self.unet):
+                yield
+            return
+        if not hasattr(self, "_reference_unet"):
+            raise RuntimeError(
+                "reference() under full fine-tuning needs keep_reference() to be called before training"
+            )
+        trained = self.unet
+        self.unet = self._reference_unet[0]
+        try:
+            yield
+        finally:
+            self.unet = trained
+
+    def keep_reference(self) -> None:
+        """Keep a frozen copy of the current denoiser for :meth:`reference` (full fine-tuning only)."""
+        if self.lora is None and not hasattr(self, "_reference_unet"):
+            import copy
+
+            frozen = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            # A list hides the copy from state_dict() and from the optimiser.
+            self._reference_unet = [frozen]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, D102 - keep the reference copy on our device
+        result = super()._apply(fn, recurse)
+        if hasattr(self, "_reference_unet"):
+            self._reference_unet[0]._apply(fn, recurse)
+        return result
+
+    @abc.abstractmethod
+    def save_trained(self, directory: str | Path) -> Path:
+        """Save what training changed (LoRA weights or the full denoiser) in diffusers format."""

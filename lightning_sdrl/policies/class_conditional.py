@@ -1,0 +1,138 @@
+"""Class-conditional pixel-space diffusion (``UNet2DModel`` with class embeddings).
+
+The class-conditional experiments of the diversity-reward paper fine-tune such a model. Prompts
+are class names; the UNet has one extra class embedding, the null class, used for
+classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.policies.loading import check_source, load_component
+from lightning_sdrl.policies.lora import LoRASettings
+
+CLASS_NAMES_FILE = "class_names.json"
+LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class ClassConditionalPolicy(DiffusionPolicy):
+    """A class-conditional pixel diffusion policy.
+
+    Args:
+        unet: ``UNet2DModel`` with ``num_class_embeds = len(class_names) + 1``.
+        scheduler: its noise schedule (used as DDIM).
+        class_names: the prompt of each class, in class-index order.
+        lora: LoRA settings; ``None`` fine-tunes the whole UNet.
+        gradient_checkpointing: recompute UNet activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: DDIMScheduler,
+        class_names: list[str],
+        lora: LoRASettings | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(lora=lora, gradient_checkpointing=gradient_checkpointing)
+        if not class_names:
+            raise ValueError("class_names is empty; expected one name (prompt) per class")
+        if unet.config.num_class_embeds != len(class_names) + 1:
+            raise ValueError(
+                f"unet has num_class_embeds={unet.config.num_class_embeds} but {len(class_names)} class "
+                f"names were given; expected num_class_embeds = {len(class_names) + 1} (the extra one "
+                "is the null class for classifier-free guidance)"
+            )
+        self.unet = unet
+        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.class_names = list(class_names)
+        self._class_index = {name: i for i, name in enumerate(self.class_names)}
+        self._setup_trainable()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        lora: LoRASettings | None = None,
+        gradient_checkpointing: bool = False,
+        local_files_only: bool | None = None,
+    ) -> ClassConditionalPolicy:
+        """Load ``unet/``, ``scheduler/`` and ``class_names.json`` written by :meth:`save_pretrained`."""
+        check_source(pretrained_model_name_or_path, ["unet", "scheduler"])
+        kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
+        names_file = Path(pretrained_model_name_or_path) / CLASS_NAMES_FILE
+        if not names_file.is_file():
+            raise FileNotFoundError(f"'{names_file}' is missing; save the model with save_pretrained")
+        return cls(
+            load_component(UNet2DModel, pretrained_model_name_or_path, "unet", **kwargs),
+            load_component(DDIMScheduler, pretrained_model_name_or_path, "scheduler", **kwargs),
+            json.loads(names_file.read_text()),
+            lora=lora,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``unet/``, ``scheduler/`` and ``class_names.json``."""
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet")
+        self.scheduler.save_pretrained(directory / "scheduler")
+        (directory / CLASS_NAMES_FILE).write_text(json.dumps(self.class_names))
+        return directory
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, height, width)
+
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Class indices ``[B]`` of the prompts (each must be one of ``class_names``)."""
+        unknown = sorted({p for p in prompts if p not in self._class_index})
+        if unknown:
+            raise ValueError(f"prompts {unknown} are not class names; expected one of {self.class_names}")
+        return torch.tensor([self._class_index[p] for p in prompts], device=self.device)
+
+    def null_condition(self, batch_size: int) -> Tensor:
+        """The null class index, ``[B]``."""
+        return torch.full((batch_size,), len(self.class_names), device=self.device)
+
+    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Tensor) -> Tensor:
+        """UNet output for class indices ``conditions``."""
+        return self.unet(sample, timesteps, class_labels=conditions.long()).sample
+
+    def decode(self, sample: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` from pixel samples in ``[-1, 1]``."""
+        images = (sample.float() / 2 + 0.5).clamp(0, 1)
+        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+    def save_trained(self, directory: str | Path) -> Path:
+        """LoRA adapter (peft format: ``adapter_config.json`` + ``adapter_model.safetensors``), or
+        the full model via :meth:`save_pretrained`."""
+        directory = Path(directory)
+        if self.lora is None:
+            return self.save_pretrained(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lora.config().save_pretrained(directory)
+        save_file(get_peft_model_state_dict(self.unet), directory / LORA_WEIGHTS_FILE)
+        return directory
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Load LoRA weights written by :meth:`save_trained` into this policy's adapters."""
+        if self.lora is None:
+            raise ValueError("this policy has no LoRA adapters (lora=None); load a full model with from_pretrained")
+        path = Path(directory) / LORA_WEIGHTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"'{path}' is missing; expected a directory written by save_trained")
+        LoraConfig.from_pretrained(str(directory))  # validates the adapter config is present
+        set_peft_model_state_dict(self.unet, load_file(path))

@@ -1,0 +1,219 @@
+"""Text-conditional (latent or pixel) diffusion built from diffusers components: Stable Diffusion."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.policies.loading import check_source, load_clip_tokenizer, load_component
+from lightning_sdrl.policies.lora import LoRASettings
+
+
+@dataclass
+class TextToImageComponents:
+    """The parts of a text-to-image diffusion model (``vae=None`` means pixel-space diffusion)."""
+
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    vae: AutoencoderKL | None = None
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write every component into its diffusers subfolder of ``directory``."""
+        directory = Path(directory)
+        for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
+            component = getattr(self, name)
+            if component is not None:
+                component.save_pretrained(directory / name)
+        index = {"_class_name": "StableDiffusionPipeline" if self.vae is not None else "PixelTextToImage"}
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+        return directory
+
+
+def load_text_to_image_components(
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    local_files_only: bool | None = None,
+) -> TextToImageComponents:
+    """Load UNet, text encoder, tokenizer, DDIM scheduler and (if present) VAE.
+
+    ``pretrained_model_name_or_path`` is a hub id such as ``runwayml/stable-diffusion-v1-5`` or a
+    local directory in the diffusers layout. A local directory without a ``vae`` subfolder is a
+    pixel-space model. Whatever scheduler the model ships, it is loaded as a ``DDIMScheduler``
+    from the same configuration (DDPO's sampler).
+    """
+    required = ["unet", "text_encoder", "tokenizer", "scheduler"]
+    check_source(pretrained_model_name_or_path, required)
+    kwargs = {"revision": revision}
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    local = Path(pretrained_model_name_or_path).expanduser()
+    has_vae = not local.is_dir() or (local / "vae").is_dir()
+    weights = {**kwargs, "variant": variant}
+    return TextToImageComponents(
+        unet=load_component(UNet2DConditionModel, pretrained_model_name_or_path, "unet", **weights),
+        text_encoder=load_component(CLIPTextModel, pretrained_model_name_or_path, "text_encoder", **weights),
+        tokenizer=load_clip_tokenizer(pretrained_model_name_or_path, "tokenizer", **kwargs),
+        scheduler=load_component(DDIMScheduler, pretrained_model_name_or_path, "scheduler", **kwargs),
+        vae=load_component(AutoencoderKL, pretrained_model_name_or_path, "vae", **weights) if has_vae else None,
+    )
+
+
+class TextToImagePolicy(DiffusionPolicy):
+    """A text-conditional diffusion policy over given components.
+
+    Use :class:`StableDiffusionPolicy` to load one, or :class:`RandomTextToImagePolicy` for
+    randomly initialised architectures (tests, benchmarks).
+
+    Args:
+        components: the model's parts.
+        lora: LoRA settings for the UNet; ``None`` fine-tunes the whole UNet.
+        gradient_checkpointing: recompute UNet activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        components: TextToImageComponents,
+        lora: LoRASettings | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(lora=lora, gradient_checkpointing=gradient_checkpointing)
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.tokenizer = components.tokenizer
+        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        self._null_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._setup_trainable()
+        self.text_encoder.eval()
+        if self.vae is not None:
+            self.vae.eval()
+
+    def components(self) -> TextToImageComponents:
+        """The current parts (LoRA layers, if any, stay inside the UNet)."""
+        return TextToImageComponents(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the UNet's input (latents, or pixels without a VAE)."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, height, width)
+
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """CLIP text embeddings ``[B, L, D]`` (padded to the tokenizer's max length)."""
+        if not prompts:
+            raise ValueError("prompts is empty; expected at least one prompt")
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        with torch.no_grad():
+            return self.text_encoder(ids)[0]
+
+    def null_condition(self, batch_size: int) -> Tensor:
+        """Embedding of the empty prompt, ``[B, L, D]`` (computed once per device)."""
+        key = (self.text_encoder.device, self.text_encoder.dtype)
+        if key not in self._null_cache:
+            self._null_cache = {key: self.encode_prompts([""])}
+        return self._null_cache[key].expand(batch_size, -1, -1)
+
+    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Tensor) -> Tensor:
+        """UNet output given text embeddings ``conditions``."""
+        return self.unet(sample, timesteps, encoder_hidden_states=conditions.to(self.unet.dtype)).sample
+
+    def decode(self, sample: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` (VAE decode, or pixels directly)."""
+        if self.vae is not None:
+            sample = self.vae.decode(sample.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        images = (sample.float() / 2 + 0.5).clamp(0, 1)
+        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+    def save_trained(self, directory: str | Path) -> Path:
+        """LoRA weights for ``StableDiffusionPipeline.load_lora_weights``, or the full UNet.
+
+        With LoRA the directory holds ``pytorch_lora_weights.safetensors`` (diffusers format,
+        with the adapter's rank and alpha as metadata); otherwise ``unet/`` in diffusers format.
+        """
+        directory = Path(directory)
+        if self.lora is None:
+            self.unet.save_pretrained(directory / "unet")
+            return directory
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        StableDiffusionPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers=layers,
+            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
+        )
+        return directory
+
+
+class StableDiffusionPolicy(TextToImagePolicy):
+    """Stable Diffusion (or any diffusers text-to-image model) loaded with ``from_pretrained``.
+
+    Args:
+        pretrained_model_name_or_path: hub id (``runwayml/stable-diffusion-v1-5``) or a local
+            directory in the diffusers layout (``unet/``, ``text_encoder/``, ``tokenizer/``,
+            ``scheduler/`` and, for latent models, ``vae/``).
+        revision: hub revision.
+        variant: weights variant, e.g. ``"fp16"``.
+        local_files_only: never download (also implied by ``HF_HUB_OFFLINE=1``).
+        lora: LoRA settings; ``None`` fine-tunes the whole UNet.
+        gradient_checkpointing: recompute UNet activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        local_files_only: bool | None = None,
+        lora: LoRASettings | None = LoRASettings(),  # noqa: B008 - an immutable-by-use default
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        components = load_text_to_image_components(
+            pretrained_model_name_or_path, revision, variant, local_files_only
+        )
+        super().__init__(components, lora=lora, gradient_checkpointing=gradient_checkpointing)
+        self.pretrained_model_name_or_path = pretrained_model_name_or_path
+
+
+class RandomTextToImagePolicy(TextToImagePolicy):
+    """A randomly initialised text-to-image model of a named architecture.
+
+    ``"tiny"`` is a few-thousand-parameter latent model for CPU tests; ``"sd15"`` has Stable
+    Diffusion 1.5's exact architecture (for benchmarks: time does not depend on weight values).
+
+    Args:
+        architecture: ``"tiny"`` or ``"sd15"``.
+        seed: initialisation seed.
+        lora: LoRA settings; ``None`` fine-tunes the whole UNet.
+        gradient_checkpointing: recompute UNet activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        architecture: str = "tiny",
+        seed: int = 0,
+        lora: LoRASettings | None = LoRASettings(),  # noqa: B008
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        from lightning_sdrl.policies.architectures import text_to_image_components
+
+        super().__init__(
+            text_to_image_components(architecture, seed), lora=lora, gradient_checkpointing=gradient_checkpointing
+        )

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny models built from constructors, fixed seeds, CPU only."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_components():
+    from lightning_sdrl.policies.architectures import text_to_image_components
+
+    return text_to_image_components("tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_policy(tiny_components):
+    from lightning_sdrl.policies import LoRASettings, TextToImagePolicy
+
+    return TextToImagePolicy(tiny_components, lora=LoRASettings(rank=4))
+
+
+@pytest.fixture
+def tiny_sd_dir(tmp_path, tiny_components):
+    """A tiny Stable Diffusion written with StableDiffusionPipeline.save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=tiny_components.vae,
+        text_encoder=tiny_components.text_encoder,
+        tokenizer=tiny_components.tokenizer,
+        unet=tiny_components.unet,
+        scheduler=tiny_components.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path = tmp_path / "tiny-sd"
+    pipe.save_pretrained(path)
+    return path
+
+
+def randomize_lora(module: torch.nn.Module, scale: float = 0.1) -> None:
+    """Give LoRA weights non-zero values (they start at zero), so adapters change outputs."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
