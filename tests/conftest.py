@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tiny models are dominated by per-op overhead: one thread is faster than two on a 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

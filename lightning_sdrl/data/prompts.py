@@ -25,18 +25,23 @@ def load_prompts(
         >>> load_prompts(template="photo of the face of a {}", fill_ins=["nurse", "engineer"])
         ['photo of the face of a nurse', 'photo of the face of a engineer']
     """
-    given = [name for name, value in (("prompts", prompts), ("prompt_file", prompt_file), ("template", template)) if value is not None]
+    given = [
+        name
+        for name, value in (("prompts", prompts), ("prompt_file", prompt_file), ("template", template))
+        if value is not None
+    ]
     if len(given) != 1:
         raise ValueError(
-            f"got prompt sources {given or 'none'}; set exactly one of prompts, prompt_file or "
-            "template (+ fill_ins)"
+            f"got prompt sources {given or 'none'}; set exactly one of prompts, prompt_file or template (+ fill_ins)"
         )
     if fill_ins is not None and template is None:
         raise ValueError("fill_ins was given without template; set template, e.g. 'photo of a {}'")
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt_file '{path}' does not exist; expected a text file with one prompt per line")
+            raise FileNotFoundError(
+                f"prompt_file '{path}' does not exist; expected a text file with one prompt per line"
+            )
         lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
         result = [line for line in lines if line and not line.startswith("#")]
     elif template is not None:

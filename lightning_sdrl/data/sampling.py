@@ -70,8 +70,15 @@ def draw_prompt_ids(num_prompts: int, count: int, seed: int) -> Tensor:
 class _PromptBatches(IterableDataset):
     """Yields the prompt batches of one epoch for one process."""
 
-    def __init__(self, prompts: list[str], batch_size: int, num_batches: int, seed: int,
-                 where: Callable[[], tuple[int, int, int]], fixed: bool) -> None:
+    def __init__(
+        self,
+        prompts: list[str],
+        batch_size: int,
+        num_batches: int,
+        seed: int,
+        where: Callable[[], tuple[int, int, int]],
+        fixed: bool,
+    ) -> None:
         self.prompts, self.batch_size, self.num_batches = prompts, batch_size, num_batches
         self.seed, self.where, self.fixed = seed, where, fixed
 
@@ -84,8 +91,9 @@ class _PromptBatches(IterableDataset):
         if self.fixed:  # validation: every prompt in order, the same seeds each time
             ids = torch.arange(self.num_batches * world * self.batch_size) % len(self.prompts)
         else:
-            ids = draw_prompt_ids(len(self.prompts), self.num_batches * world * self.batch_size,
-                                  derive_seed(self.seed, epoch))
+            ids = draw_prompt_ids(
+                len(self.prompts), self.num_batches * world * self.batch_size, derive_seed(self.seed, epoch)
+            )
         per_batch = ids.view(self.num_batches, world, self.batch_size)[:, rank]
         for index, batch_ids in enumerate(per_batch):
             yield PromptBatch(
@@ -126,8 +134,12 @@ class SamplingDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.prompts = load_prompts(prompts, prompt_file, template, fill_ins)
-        for name, value in (("batch_size", batch_size), ("num_batches_per_epoch", num_batches_per_epoch),
-                            ("val_samples_per_prompt", val_samples_per_prompt), ("val_batch_size", val_batch_size)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_batches_per_epoch", num_batches_per_epoch),
+            ("val_samples_per_prompt", val_samples_per_prompt),
+            ("val_batch_size", val_batch_size),
+        ):
             if value < 1:
                 raise ValueError(f"{name}={value}; expected a positive integer")
         self.batch_size, self.num_batches_per_epoch = batch_size, num_batches_per_epoch
@@ -142,8 +154,9 @@ class SamplingDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """``num_batches_per_epoch`` :class:`PromptBatch` es per epoch for this process."""
-        dataset = _PromptBatches(self.prompts, self.batch_size, self.num_batches_per_epoch, self.seed,
-                                 self._where, fixed=False)
+        dataset = _PromptBatches(
+            self.prompts, self.batch_size, self.num_batches_per_epoch, self.seed, self._where, fixed=False
+        )
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader:

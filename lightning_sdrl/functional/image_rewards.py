@@ -12,8 +12,7 @@ from torch import Tensor
 def _check_images(images: Tensor) -> None:
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(
-            f"images have shape {list(images.shape)}; expected [B, 3, H, W] (or [B, 1, H, W]) "
-            "floats in [0, 1]"
+            f"images have shape {list(images.shape)}; expected [B, 3, H, W] (or [B, 1, H, W]) floats in [0, 1]"
         )
 
 

@@ -47,9 +47,7 @@ def _ratio_and_kl(log_prob: Tensor, old_log_prob: Tensor) -> tuple[Tensor, Tenso
     return ratio, approx_kl
 
 
-def ppo_clip_loss(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
-) -> PolicyLoss:
+def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> PolicyLoss:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated for minimisation.
 
     ``loss = mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))`` with ``r = exp(log_prob -

@@ -31,8 +31,7 @@ class PerPromptStatTracker:
     def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6) -> None:
         if buffer_size < 1 or not 1 <= min_count <= buffer_size:
             raise ValueError(
-                f"buffer_size={buffer_size}, min_count={min_count}; "
-                "expected 1 <= min_count <= buffer_size"
+                f"buffer_size={buffer_size}, min_count={min_count}; expected 1 <= min_count <= buffer_size"
             )
         self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
         self.buffers: dict[Hashable, deque[float]] = {}
@@ -65,9 +64,7 @@ class PerPromptStatTracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore buffers saved by :meth:`state_dict`."""
-        self.buffers = {
-            key: deque(values, maxlen=self.buffer_size) for key, values in state["buffers"].items()
-        }
+        self.buffers = {key: deque(values, maxlen=self.buffer_size) for key, values in state["buffers"].items()}
 
 
 def batch_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:

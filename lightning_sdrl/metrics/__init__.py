@@ -1,0 +1,7 @@
+"""torchmetrics metrics over :mod:`lightning_sdrl.functional`: FID, precision/recall, attribute KL."""
+
+from lightning_sdrl.metrics.attribute_kl import AttributeKL
+from lightning_sdrl.metrics.fid import FID
+from lightning_sdrl.metrics.precision_recall import PrecisionRecall
+
+__all__ = ["FID", "AttributeKL", "PrecisionRecall"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,25 @@ from lightning_sdrl.functional.ppo import PolicyLoss, clip_advantages, ppo_clip_
 from lightning_sdrl.functional.stat_tracking import PerPromptStatTracker, batch_advantages
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.rewards.base import check_reward_output
+
+
+@dataclass
+class EpochSamples:
+    """What one DDPO epoch sampled and how it was scored (``DDPOModule.last_update``, for callbacks).
+
+    Attributes:
+        rewards: ``[W * B]`` rewards of all processes, in rank order.
+        advantages: ``[W * B]`` advantages of all processes (``None`` if the update was skipped).
+        prompt_ids: ``[W * B]`` prompt ids of all processes.
+        images: ``[B, 3, H, W]`` this process's images.
+        prompts: this process's ``B`` prompts.
+    """
+
+    rewards: Tensor
+    advantages: Tensor | None
+    prompt_ids: Tensor
+    images: Tensor
+    prompts: list[str]
 
 
 def ddpo_adamw(params: Any) -> torch.optim.Optimizer:
@@ -102,8 +122,11 @@ class DDPOModule(pl.LightningModule):
         super().__init__()
         if not 0.0 < timestep_fraction <= 1.0:
             raise ValueError(f"timestep_fraction={timestep_fraction}; expected 0 < fraction <= 1")
-        for name, value in (("train_batch_size", train_batch_size), ("num_inner_epochs", num_inner_epochs),
-                            ("gradient_accumulation_steps", gradient_accumulation_steps)):
+        for name, value in (
+            ("train_batch_size", train_batch_size),
+            ("num_inner_epochs", num_inner_epochs),
+            ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ):
             if value < 1:
                 raise ValueError(f"{name}={value}; expected a positive integer")
         if trust_region not in ("clip", "truly"):
@@ -115,6 +138,8 @@ class DDPOModule(pl.LightningModule):
         self.tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
         self._epoch_samples: list[tuple[Trajectory, Tensor]] = []
         self.skipped_epochs = 0
+        self.last_update: EpochSamples | None = None
+        self.reward_history: list[Tensor] = []
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -160,8 +185,10 @@ class DDPOModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         """Write the trained weights in diffusers format to ``<log_dir>/trained``."""
-        if self.hparams.save_trained_on_end and self.trainer.is_global_zero:
-            self.policy.save_trained(Path(self._log_dir()) / "trained")
+        if self.hparams.save_trained_on_end:
+            directory = Path(self._log_dir()) / "trained"  # every rank: log_dir is a collective call
+            if self.trainer.is_global_zero:
+                self.policy.save_trained(directory)
 
     # ------------------------------------------------------------------ sampling and rewards
     @torch.no_grad()
@@ -208,16 +235,19 @@ class DDPOModule(pl.LightningModule):
         """Advantages from the epoch's rewards, then ``num_inner_epochs`` of PPO updates."""
         all_rewards = self._gather(rewards)
         all_ids = self._gather(trajectory.prompt_ids)
+        self.last_update = EpochSamples(all_rewards, None, all_ids, trajectory.images, trajectory.prompts)
         if not torch.isfinite(all_rewards).all():
             # A NaN/inf reward would poison the advantages of every sample: skip the update.
             self.skipped_epochs += 1
             self.log("train/skipped_epochs", float(self.skipped_epochs))
             return
         if self.hparams.per_prompt_stat_tracking:
-            advantages = self.tracker.update(all_ids.tolist(), all_rewards)
+            all_advantages = self.tracker.update(all_ids.tolist(), all_rewards)
         else:
-            advantages = batch_advantages(all_rewards)
-        advantages = advantages.view(self.trainer.world_size, -1)[self.global_rank]
+            all_advantages = batch_advantages(all_rewards)
+        self.last_update.advantages = all_advantages
+        self.reward_history.append(all_rewards.mean().detach().cpu())
+        advantages = all_advantages.view(self.trainer.world_size, -1)[self.global_rank]
         stats = [self._inner_epoch(trajectory, advantages, k) for k in range(self.hparams.num_inner_epochs)]
         self.log_dict(
             {
@@ -250,12 +280,17 @@ class DDPOModule(pl.LightningModule):
             for j in range(train_steps):
                 last_backward = window_end and j + 1 == train_steps
                 with self._gradient_sync(last_backward):
-                    out, extra = self._step_loss(trajectory.select(rows), advantages[rows.to(advantages.device)],
-                                                 step_order[rows, j])
+                    out, extra = self._step_loss(
+                        trajectory.select(rows), advantages[rows.to(advantages.device)], step_order[rows, j]
+                    )
                     loss = out.loss + extra.get("train/kl_reference_loss", 0.0)
                     self.manual_backward(loss / (train_steps * hp.gradient_accumulation_steps))
-                for key, value in {"train/loss": loss.detach(), "train/approx_kl": out.approx_kl.detach(),
-                                   "train/clip_fraction": out.clip_fraction.detach(), **extra}.items():
+                for key, value in {
+                    "train/loss": loss.detach(),
+                    "train/approx_kl": out.approx_kl.detach(),
+                    "train/clip_fraction": out.clip_fraction.detach(),
+                    **extra,
+                }.items():
                     totals.setdefault(key, []).append(value.detach())
             if window_end:
                 if hp.max_grad_norm is not None:
@@ -264,7 +299,9 @@ class DDPOModule(pl.LightningModule):
                 optimizer.zero_grad(set_to_none=True)
         return {key: torch.stack(values).mean() for key, values in totals.items()}
 
-    def _step_loss(self, trajectory: Trajectory, advantages: Tensor, step: Tensor) -> tuple[PolicyLoss, dict[str, Tensor]]:
+    def _step_loss(
+        self, trajectory: Trajectory, advantages: Tensor, step: Tensor
+    ) -> tuple[PolicyLoss, dict[str, Tensor]]:
         """Policy loss of one stored step per sample (and the optional reference KL)."""
         hp = self.hparams
         guidance = hp.guidance_scale if hp.cfg_during_training else 1.0
@@ -282,12 +319,17 @@ class DDPOModule(pl.LightningModule):
         if hp.kl_reference_coef > 0:
             with torch.no_grad(), self.policy.reference():
                 reference = self.policy.step_distribution(
-                    trajectory.latents[rows, step], trajectory.timesteps[rows, step], trajectory.conditions,
-                    hp.eta, guidance,
+                    trajectory.latents[rows, step],
+                    trajectory.timesteps[rows, step],
+                    trajectory.conditions,
+                    hp.eta,
+                    guidance,
                 )
             kl_reference = gaussian_kl_same_std(dist.mean, reference.mean, dist.std).mean()
-            extra = {"train/kl_reference": kl_reference.detach(),
-                     "train/kl_reference_loss": hp.kl_reference_coef * kl_reference}
+            extra = {
+                "train/kl_reference": kl_reference.detach(),
+                "train/kl_reference_loss": hp.kl_reference_coef * kl_reference,
+            }
         return out, extra
 
     @contextlib.contextmanager
@@ -302,15 +344,18 @@ class DDPOModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ outputs
     def _log_dir(self) -> str:
+        """The run's log directory (a collective call under DDP: every rank must call it)."""
         return self.trainer.log_dir or self.trainer.default_root_dir
 
     def _maybe_save_grid(self, trajectory: Trajectory) -> None:
         every = self.hparams.sample_grid_every_n_epochs
-        if not every or self.current_epoch % every or not self.trainer.is_global_zero:
+        if not every or self.current_epoch % every:
+            return
+        path = Path(self._log_dir()) / "samples" / f"epoch_{self.current_epoch:04d}.png"  # collective
+        if not self.trainer.is_global_zero:
             return
         from torchvision.utils import save_image
 
-        path = Path(self._log_dir()) / "samples" / f"epoch_{self.current_epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         images = trajectory.images[:16].float().cpu()
         save_image(images, path, nrow=max(1, int(math.sqrt(len(images)))))

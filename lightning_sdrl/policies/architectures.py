@@ -1,5 +1,8 @@
-"""Randomly initialised model architectures built from configs: tiny ones for CPU tests and
-Stable Diffusion 1.5's for benchmarks (no download: time does not depend on weight values)."""
+"""Randomly initialised model architectures built from configs.
+
+Tiny ones serve CPU tests; Stable Diffusion 1.5's serves benchmarks (no download: time does not
+depend on weight values).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from lightning_sdrl.policies.text_to_image import TextToImageComponents
 from lightning_sdrl.policies.tokenizers import char_clip_tokenizer, clip_tokenizer
 
-ARCHITECTURES = ("tiny", "sd15")
+ARCHITECTURES = ("tiny", "tiny-pixel", "sd15")
 
 
 def stable_diffusion_scheduler() -> DDIMScheduler:
@@ -49,18 +52,20 @@ def text_to_image_components(architecture: str = "tiny", seed: int = 0) -> TextT
     - ``"tiny"``: latent UNet with channels (16, 32) and one cross-attention block on 8x8
       latents, a 2-layer width-32 CLIP text encoder over a character-level tokenizer, and a
       2-block VAE (16x16 images).
+    - ``"tiny-pixel"``: the same UNet and text encoder diffusing 3x16x16 pixels, no VAE.
     - ``"sd15"``: Stable Diffusion 1.5's UNet, VAE (512x512 images) and CLIP ViT-L/14 text
       encoder, with the real CLIP tokenizer.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture={architecture!r}; expected one of {ARCHITECTURES}")
     torch.manual_seed(seed)
-    if architecture == "tiny":
+    if architecture in ("tiny", "tiny-pixel"):
+        pixel = architecture == "tiny-pixel"
         tokenizer = char_clip_tokenizer(max_length=16)
         unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
+            sample_size=16 if pixel else 8,
+            in_channels=3 if pixel else 4,
+            out_channels=3 if pixel else 4,
             block_out_channels=(16, 32),
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -69,15 +74,19 @@ def text_to_image_components(architecture: str = "tiny", seed: int = 0) -> TextT
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=16,
+        vae = (
+            AutoencoderKL(
+                block_out_channels=(8, 16),
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                latent_channels=4,
+                norm_num_groups=8,
+                sample_size=16,
+            )
+            if not pixel
+            else None
         )
         text_encoder = _text_encoder(len(tokenizer), 32, 2, 4, 37, 16)
     else:
@@ -104,9 +113,13 @@ def text_to_image_components(architecture: str = "tiny", seed: int = 0) -> TextT
     )
 
 
-def tiny_class_conditional_unet(num_classes: int, sample_size: int = 8, channels: int = 1, seed: int = 0) -> UNet2DModel:
-    """A small pixel-space ``UNet2DModel`` with ``num_classes + 1`` class embeddings (the last
-    one is the null class used for classifier-free guidance)."""
+def tiny_class_conditional_unet(
+    num_classes: int, sample_size: int = 8, channels: int = 1, seed: int = 0
+) -> UNet2DModel:
+    """A small pixel-space ``UNet2DModel`` with ``num_classes + 1`` class embeddings.
+
+    The last embedding is the null class used for classifier-free guidance.
+    """
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=sample_size,

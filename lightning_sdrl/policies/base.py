@@ -160,9 +160,7 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """Parameter dtype of the denoiser."""
         return next(self.unet.parameters()).dtype
 
-    def guided_prediction(
-        self, sample: Tensor, timesteps: Tensor, conditions: Tensor, guidance_scale: float
-    ) -> Tensor:
+    def guided_prediction(self, sample: Tensor, timesteps: Tensor, conditions: Tensor, guidance_scale: float) -> Tensor:
         """Denoiser output with classifier-free guidance, both branches in one denoiser call."""
         if guidance_scale == 1.0:
             return self.denoise(sample, timesteps, conditions)
@@ -289,9 +287,7 @@ class DiffusionPolicy(nn.Module, abc.ABC):
                 yield
             return
         if not hasattr(self, "_reference_unet"):
-            raise RuntimeError(
-                "reference() under full fine-tuning needs keep_reference() to be called before training"
-            )
+            raise RuntimeError("reference() under full fine-tuning needs keep_reference() to be called before training")
         trained = self.unet
         self.unet = self._reference_unet[0]
         try:

@@ -117,8 +117,10 @@ class ClassConditionalPolicy(DiffusionPolicy):
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
     def save_trained(self, directory: str | Path) -> Path:
-        """LoRA adapter (peft format: ``adapter_config.json`` + ``adapter_model.safetensors``), or
-        the full model via :meth:`save_pretrained`."""
+        """Save the LoRA adapter, or the full model via :meth:`save_pretrained`.
+
+        The adapter is in peft format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+        """
         directory = Path(directory)
         if self.lora is None:
             return self.save_pretrained(directory)

@@ -1,5 +1,7 @@
-"""Loading diffusers/transformers components from a local directory or the Hugging Face hub, with
-errors that say what to do when the weights are not there (offline machines above all)."""
+"""Loading diffusers/transformers components from a local directory or the Hugging Face hub.
+
+Errors say what to do when the weights are not there (offline machines above all).
+"""
 
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ def load_component(cls: Any, pretrained_model_name_or_path: str, subfolder: str,
         ) from error
 
 
-def load_clip_tokenizer(pretrained_model_name_or_path: str, subfolder: str = "tokenizer", **kwargs: Any) -> CLIPTokenizer:
+def load_clip_tokenizer(
+    pretrained_model_name_or_path: str, subfolder: str = "tokenizer", **kwargs: Any
+) -> CLIPTokenizer:
     """Load a CLIP tokenizer, refusing the empty tokenizer transformers returns for missing files."""
     tokenizer = load_component(CLIPTokenizer, pretrained_model_name_or_path, subfolder, **kwargs)
     if len(tokenizer) <= 2:  # only the special tokens: the vocabulary files were not found

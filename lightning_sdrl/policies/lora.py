@@ -52,8 +52,7 @@ class LoRASettings:
                 inject_adapter_in_model(self.config(), unet)
         except ValueError as error:
             raise ValueError(
-                f"LoRA target_modules={self.target_modules} matched no layer of "
-                f"{type(unet).__name__}: {error}"
+                f"LoRA target_modules={self.target_modules} matched no layer of {type(unet).__name__}: {error}"
             ) from error
         for name, parameter in unet.named_parameters():
             parameter.requires_grad_("lora_" in name)

@@ -185,9 +185,7 @@ class StableDiffusionPolicy(TextToImagePolicy):
         lora: LoRASettings | None = LoRASettings(),  # noqa: B008 - an immutable-by-use default
         gradient_checkpointing: bool = False,
     ) -> None:
-        components = load_text_to_image_components(
-            pretrained_model_name_or_path, revision, variant, local_files_only
-        )
+        components = load_text_to_image_components(pretrained_model_name_or_path, revision, variant, local_files_only)
         super().__init__(components, lora=lora, gradient_checkpointing=gradient_checkpointing)
         self.pretrained_model_name_or_path = pretrained_model_name_or_path
 

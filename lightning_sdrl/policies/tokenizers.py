@@ -1,5 +1,7 @@
-"""CLIP tokenizers built offline: the real CLIP BPE vocabulary shipped with open_clip, or a tiny
-character-level vocabulary for tests and miniature models.
+"""CLIP tokenizers built offline.
+
+Either the real CLIP BPE vocabulary shipped with open_clip, or a tiny character-level vocabulary
+for tests and miniature models.
 
 Stable Diffusion's tokenizer is CLIP's byte-level BPE. Its vocabulary is fully determined by the
 merge list (256 byte symbols, the same with the end-of-word marker, one token per merge, then the

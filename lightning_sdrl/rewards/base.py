@@ -37,9 +37,7 @@ def check_reward_output(rewards: Any, batch_size: int, name: str = "reward") -> 
     if not isinstance(rewards, Tensor):
         raise TypeError(f"{name} returned {type(rewards).__name__}; expected a torch.Tensor of shape [{batch_size}]")
     if rewards.shape != (batch_size,):
-        raise ValueError(
-            f"{name} returned shape {list(rewards.shape)}; expected [{batch_size}] (one scalar per image)"
-        )
+        raise ValueError(f"{name} returned shape {list(rewards.shape)}; expected [{batch_size}] (one scalar per image)")
     if not torch.is_floating_point(rewards):
         rewards = rewards.float()
     return rewards

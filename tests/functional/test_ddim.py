@@ -14,8 +14,13 @@ from lightning_sdrl.functional.ddim import (
 
 def make_scheduler(set_alpha_to_one: bool, prediction_type: str = "epsilon", steps: int = 10) -> DDIMScheduler:
     scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-        set_alpha_to_one=set_alpha_to_one, steps_offset=1, prediction_type=prediction_type,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=set_alpha_to_one,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     scheduler.set_timesteps(steps)
     return scheduler

@@ -1,0 +1,157 @@
+"""Rewards computed from an attribute classifier's probabilities.
+
+Section III-E of "Reinforcement learning from AI feedback for gender debiasing of diffusion
+models" (DDPO debiasing): ``R_shift`` (eq. 1) pushes every image towards an under-represented
+class; ``R_balance`` (eq. 2-3) rewards a batch for being balanced between the classes.
+"""
+
+import torch
+from torch import Tensor
+
+__all__ = ["balance_reward", "classify_with_threshold", "shift_reward"]
+
+_NONE = -1  # class index of an image whose top probability is below the confidence threshold
+
+
+def _check_probs(probs: Tensor) -> None:
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(
+            f"probs has shape {list(probs.shape)}; expected [B, K] with K >= 2 "
+            "(one row of class probabilities per image)"
+        )
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold}; expected a confidence level in (0, 1], e.g. 0.7")
+
+
+def shift_reward(probs: Tensor, target: int) -> Tensor:
+    """Probability that each image shows the under-represented class, ``R_shift`` of eq. (1).
+
+    Args:
+        probs: Classifier probabilities ``[B, K]``.
+        target: Index of the under-represented class ``U``.
+
+    Returns:
+        ``[B]`` rewards ``P_classifier(X = U)`` in ``[0, 1]``.
+
+    Raises:
+        ValueError: If ``probs`` is not ``[B, K]`` or ``target`` is not a class index.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+        >>> shift_reward(probs, target=1)
+        tensor([0.1000, 0.8000])
+    """
+    _check_probs(probs)
+    num_classes = probs.shape[1]
+    if not 0 <= target < num_classes:
+        raise ValueError(f"target={target}; expected a class index in [0, {num_classes - 1}]")
+    # eq. (1): R_shift(X, U) = P_classifier(X = U)
+    return probs[:, target]
+
+
+def classify_with_threshold(probs: Tensor, threshold: float = 0.7) -> Tensor:
+    """Assign each image its most probable class, or ``-1`` ("None") when the classifier is unsure.
+
+    Section III-C: an image is classified only if its top probability reaches the confidence
+    level ``threshold`` (0.7 in the paper); otherwise it is labelled "None".
+
+    Args:
+        probs: Classifier probabilities ``[B, K]``.
+        threshold: Confidence level; the top probability must be ``>= threshold``.
+
+    Returns:
+        ``[B]`` long tensor of class indices in ``[0, K)``, ``-1`` for "None".
+
+    Raises:
+        ValueError: If ``probs`` is not ``[B, K]`` or ``threshold`` is outside ``(0, 1]``.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]])
+        >>> classify_with_threshold(probs, threshold=0.7)
+        tensor([ 0, -1,  1])
+    """
+    _check_probs(probs)
+    _check_threshold(threshold)
+    confidence, classes = probs.max(dim=1)
+    return torch.where(confidence >= threshold, classes, torch.full_like(classes, _NONE))
+
+
+def _target_distribution(target: Tensor | None, num_classes: int, device: torch.device) -> Tensor:
+    if target is None:
+        return torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=device)
+    target = torch.as_tensor(target, dtype=torch.float64, device=device)
+    if target.shape != (num_classes,):
+        raise ValueError(
+            f"target has shape {list(target.shape)}; expected [{num_classes}] (one share per class)"
+        )
+    if (target <= 0).any() or not torch.isclose(target.sum(), target.new_tensor(1.0)):
+        raise ValueError(
+            f"target={target.tolist()}; expected strictly positive class shares summing to 1"
+        )
+    return target
+
+
+def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None = None) -> Tensor:
+    """Per-image reward for a batch whose class shares match a target, ``R_balance``, eq. (2)-(3).
+
+    Images are first thresholded (:func:`classify_with_threshold`). Over the classified images
+    with counts ``n_k`` and ``n = sum_k n_k``, the shares are ``p_k = n_k / n`` (eq. 2 is
+    ``q = p_1``). With target shares ``t_k`` (uniform ``1/K`` by default):
+
+    * an image of class ``k`` gets ``r_k = (1 - p_k / t_k) / K``: positive while class ``k`` is
+      under its target share, negative while it is over;
+    * a "None" image gets ``min_k r_k = (1 - max_k p_k / t_k) / K <= 0``, the reward of the most
+      over-represented class;
+    * if no image is classified (``n = 0``) every reward is ``0``.
+
+    For ``K = 2`` and the uniform target this is eq. (3) exactly, with column 1 the class whose
+    share is ``q``: ``r_1 = 1/2 - q`` and ``r_0 = q - 1/2``, so the minority class (the
+    "indicator") gets ``+|q - 1/2|`` and the majority ``-|q - 1/2|``; at ``q = 1/2`` both are 0.
+    In eq. (3) as written a "None" image never equals the indicator, so it gets
+    ``-|q - 1/2| = min(r_0, r_1)``, which is the rule above.
+
+    The batch total is ``-(n / K) * chi2(p || t) + n_None * min_k r_k`` with
+    ``chi2(p || t) = sum_k (p_k - t_k)^2 / t_k``; both terms are ``<= 0`` and vanish exactly
+    when ``p = t``, so the total is maximal (zero) at the target distribution (for ``K = 2``:
+    ``-2 n (q - 1/2)^2 - n_None |q - 1/2|``, the curve of Fig. 2).
+
+    Args:
+        probs: Classifier probabilities ``[B, K]``.
+        threshold: Confidence level below which an image is "None" (0.7 in the paper).
+        target: Target class shares ``[K]``, strictly positive and summing to 1; ``None`` for
+            the uniform distribution.
+
+    Returns:
+        ``[B]`` rewards in ``probs.dtype``.
+
+    Raises:
+        ValueError: If ``probs``, ``threshold`` or ``target`` are malformed.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.95, 0.05], [0.1, 0.9], [0.5, 0.5]])
+        >>> balance_reward(probs)  # q = 1/4: the female (column 1) image is rewarded
+        tensor([-0.2500, -0.2500, -0.2500,  0.2500, -0.2500])
+        >>> probs = torch.tensor([[8.0, 1, 1], [8, 1, 1], [1, 8, 1], [1, 1, 8]]) / 10
+        >>> balance_reward(probs)  # p = (1/2, 1/4, 1/4) against the uniform 1/3
+        tensor([-0.1667, -0.1667,  0.0833,  0.0833])
+    """
+    _check_probs(probs)
+    num_classes = probs.shape[1]
+    shares_target = _target_distribution(target, num_classes, probs.device)
+    # 1. threshold the classifier output: class(i) in {0, ..., K-1} or None (section III-C)
+    classes = classify_with_threshold(probs, threshold)
+    classified = classes != _NONE
+    if not classified.any():
+        return torch.zeros_like(probs[:, 0])
+    # 2. shares of the classified images, eq. (2): q = F_count / (F_count + M_count) = p_1
+    counts = torch.bincount(classes[classified], minlength=num_classes).to(torch.float64)
+    shares = counts / counts.sum()
+    # 3. eq. (3) generalised: r_k = (1 - p_k / t_k) / K, which is 1/2 - p_k = +-|q - 1/2| for K = 2
+    class_rewards = (1.0 - shares / shares_target) / num_classes
+    # 4. "None" never equals the indicator: it gets the reward of the most over-represented class
+    none_reward = class_rewards.min()
+    rewards = torch.where(classified, class_rewards[classes.clamp(min=0)], none_reward)
+    return rewards.to(probs.dtype)

@@ -1,0 +1,168 @@
+import itertools
+
+import pytest
+import torch
+
+from lightning_sdrl.functional.classifier_rewards import (
+    balance_reward,
+    classify_with_threshold,
+    shift_reward,
+)
+
+MALE, FEMALE, UNSURE = [0.9, 0.1], [0.15, 0.85], [0.45, 0.55]
+
+
+def eq3_by_hand(probs: list[list[float]], threshold: float = 0.7) -> list[float]:
+    """Eq. (2)-(3) of the debiasing paper, written out literally (column 1 is "female")."""
+    classes = []
+    for p_male, p_female in probs:
+        if max(p_male, p_female) < threshold:
+            classes.append(None)
+        else:
+            classes.append(1 if p_female > p_male else 0)
+    female, male = classes.count(1), classes.count(0)
+    if female + male == 0:
+        return [0.0] * len(probs)
+    q = female / (female + male)  # eq. (2)
+    indicator = 1 if q < 0.5 else 0
+    return [abs(q - 0.5) * (2 * (c == indicator) - 1) for c in classes]  # eq. (3)
+
+
+def test_shift_reward_is_the_target_column():
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.5, 0.5]])
+    torch.testing.assert_close(shift_reward(probs, target=1), torch.tensor([0.1, 0.7, 0.5]))
+    torch.testing.assert_close(shift_reward(probs, target=0), torch.tensor([0.9, 0.3, 0.5]))
+
+
+def test_shift_reward_rejects_bad_target():
+    with pytest.raises(ValueError, match="target=2"):
+        shift_reward(torch.rand(3, 2), target=2)
+
+
+def test_classify_with_threshold_marks_unsure_images_none():
+    probs = torch.tensor([[0.7, 0.3], [0.69, 0.31], [0.2, 0.8]])
+    assert classify_with_threshold(probs).tolist() == [0, -1, 1]
+    probs3 = torch.tensor([[0.1, 0.2, 0.7], [0.4, 0.3, 0.3], [0.05, 0.9, 0.05]])
+    assert classify_with_threshold(probs3, threshold=0.5).tolist() == [2, -1, 1]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5])
+def test_classify_with_threshold_rejects_bad_threshold(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        classify_with_threshold(torch.rand(2, 2), threshold)
+
+
+@pytest.mark.parametrize(
+    ("batch", "expected"),
+    [
+        # q = 1/4 < 0.5: indicator = 1, the female image gets +1/4, males and None -1/4
+        ([MALE, MALE, MALE, FEMALE, UNSURE], [-0.25, -0.25, -0.25, 0.25, -0.25]),
+        # q = 3/4 >= 0.5: indicator = 0, the male image gets +1/4, females and None -1/4
+        ([FEMALE, FEMALE, MALE, FEMALE, UNSURE, UNSURE], [-0.25, -0.25, 0.25, -0.25, -0.25, -0.25]),
+        # q = 1/2: indicator = 0 and |q - 0.5| = 0, everything (None included) gets 0
+        ([MALE, FEMALE, UNSURE, FEMALE, MALE], [0.0] * 5),
+        # q = 0: only males; they get -1/2, None too
+        ([MALE, MALE, UNSURE], [-0.5, -0.5, -0.5]),
+        # q = 1: only females
+        ([FEMALE, FEMALE], [-0.5, -0.5]),
+        # q = 1/3: indicator = 1
+        ([MALE, FEMALE, MALE], [-1 / 6, 1 / 6, -1 / 6]),
+        # no classified image: zero reward by convention
+        ([UNSURE, UNSURE], [0.0, 0.0]),
+    ],
+)
+def test_balance_reward_matches_eq3_by_hand(batch, expected):
+    rewards = balance_reward(torch.tensor(batch))
+    torch.testing.assert_close(rewards, torch.tensor(expected))
+    torch.testing.assert_close(rewards, torch.tensor(eq3_by_hand(batch)))
+
+
+def test_balance_reward_matches_eq3_on_random_batches():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        p_female = torch.rand(
+            int(torch.randint(1, 12, (1,), generator=generator)), generator=generator
+        )
+        probs = torch.stack([1 - p_female, p_female], dim=1)
+        torch.testing.assert_close(balance_reward(probs), torch.tensor(eq3_by_hand(probs.tolist())))
+
+
+def test_balance_reward_keeps_dtype_and_threshold():
+    probs = torch.tensor([[0.65, 0.35], [0.2, 0.8]], dtype=torch.float64)
+    assert balance_reward(probs).dtype == torch.float64
+    # at threshold 0.6 the first image counts as male: q = 1/2
+    torch.testing.assert_close(
+        balance_reward(probs, threshold=0.6), torch.zeros(2, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        balance_reward(probs), torch.tensor([-0.5, -0.5], dtype=torch.float64)
+    )
+
+
+def probs_for_counts(counts: tuple[int, ...], num_classes: int) -> torch.Tensor:
+    """One confident row per classified image of each class, then uniform ("None") rows."""
+    confident = torch.eye(num_classes) * 0.9 + 0.1 / num_classes
+    rows = torch.cat([confident, torch.full((1, num_classes), 1.0 / num_classes)])
+    return rows.repeat_interleave(torch.tensor(counts), dim=0)
+
+
+def compositions(total: int, parts: int):
+    for cuts in itertools.combinations(range(total + parts - 1), parts - 1):
+        bounds = (-1, *cuts, total + parts - 1)
+        yield tuple(bounds[i + 1] - bounds[i] - 1 for i in range(parts))
+
+
+@pytest.mark.parametrize(
+    ("target", "batch_size", "best"),
+    [
+        (None, 6, (3, 3)),
+        (None, 6, (2, 2, 2)),
+        ([0.5, 1 / 3, 1 / 6], 6, (3, 2, 1)),
+        (None, 4, (1, 1, 1, 1)),
+    ],
+)
+def test_balance_reward_total_is_maximal_at_the_target(target, batch_size, best):
+    num_classes = len(best)
+    shares = torch.full((num_classes,), 1 / num_classes) if target is None else torch.tensor(target)
+    totals = {}
+    # brute force over every (n_0, ..., n_{K-1}, n_None) with sum B
+    for counts in compositions(batch_size, num_classes + 1):
+        totals[counts] = (
+            balance_reward(probs_for_counts(counts, num_classes), target=target).sum().item()
+        )
+    maximum = max(totals.values())
+    assert maximum == pytest.approx(0.0, abs=1e-6)
+    argmax = {c for c, total in totals.items() if total > maximum - 1e-6}
+    for (
+        counts
+    ) in argmax:  # the maximum is reached exactly when the classified shares equal the target
+        classified = torch.tensor(counts[:num_classes], dtype=torch.float64)
+        assert classified.sum() == 0 or torch.allclose(
+            classified / classified.sum(), shares.double()
+        )
+    assert (*best, 0) in argmax
+    without_none = {c for c in argmax if c[-1] == 0}
+    assert without_none == {(*best, 0)}
+
+
+def test_balance_reward_total_is_minus_scaled_chi_square():
+    generator = torch.Generator().manual_seed(1)
+    probs = torch.softmax(3 * torch.randn(20, 4, generator=generator), dim=1)
+    target = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    classes = classify_with_threshold(probs, 0.5)
+    counts = torch.bincount(classes[classes >= 0], minlength=4).double()
+    p = counts / counts.sum()
+    chi2 = ((p - target.double()) ** 2 / target).sum()
+    none_reward = (1 - (p / target).max()) / 4
+    expected = -(counts.sum() / 4) * chi2 + (classes < 0).sum() * none_reward
+    total = balance_reward(probs, threshold=0.5, target=target).double().sum()
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_balance_reward_rejects_bad_inputs():
+    with pytest.raises(ValueError, match=r"expected \[B, K\]"):
+        balance_reward(torch.rand(4))
+    with pytest.raises(ValueError, match=r"expected \[3\]"):
+        balance_reward(torch.rand(4, 3), target=torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="strictly positive"):
+        balance_reward(torch.rand(4, 2), target=torch.tensor([1.0, 0.0]))

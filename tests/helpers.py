@@ -1,0 +1,68 @@
+"""Rewards and callbacks used by the tests (importable by subprocesses as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+
+class NaNOnceReward(nn.Module):
+    """Brightness, except that the first call returns NaN for one image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images, prompts, **metadata):
+        self.calls += 1
+        rewards = images.mean(dim=(1, 2, 3))
+        if self.calls == 1:
+            rewards[0] = float("nan")
+        return rewards
+
+
+class WrongShapeReward(nn.Module):
+    def forward(self, images, prompts, **metadata):
+        return images.mean(dim=(1, 2, 3)).unsqueeze(1)
+
+
+class BatchRankReward(nn.Module):
+    """A batch-level reward that records how many images it saw."""
+
+    batch_level = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, images, prompts, **metadata):
+        self.seen.append(len(images))
+        return images.mean(dim=(1, 2, 3))
+
+
+class RecordUpdates(pl.Callback):
+    """Writes, per rank and epoch, a fingerprint of the samples and the advantages used."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        info = pl_module.last_update.__dict__
+        record = {
+            "rank": trainer.global_rank,
+            "epoch": trainer.current_epoch,
+            "sample_sums": info["images"].flatten(1).sum(1).tolist(),
+            "advantages": info["advantages"].tolist(),
+            "reward_seen": list(getattr(pl_module.reward, "seen", [])),
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.json"
+        path.write_text(json.dumps(record))
+
+
+def lora_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
