@@ -233,6 +233,25 @@ class DiffusionPolicy(nn.Module, abc.ABC):
             means=torch.stack(means, dim=1) if keep_means else None,
         )
 
+    def run_steps(
+        self,
+        sample: Tensor,
+        conditions: Tensor,
+        timesteps: Tensor,
+        eta: float = 1.0,
+        guidance_scale: float = 5.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Run the DDIM steps at ``timesteps`` (``[S]``) from ``sample``; returns the last sample.
+
+        Gradients flow if the caller enables them (ReFL runs the early steps under no_grad).
+        """
+        batch = sample.shape[0]
+        for t in timesteps:
+            dist = self.step_distribution(sample, t.expand(batch), conditions, eta, guidance_scale)
+            sample, _ = sample_step(dist, sample.dtype, generator)
+        return sample
+
     def step_distribution(
         self,
         sample: Tensor,
