@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
@@ -30,6 +29,8 @@ from lightning_sdrl.data.sampling import PromptBatch, derive_seed
 from lightning_sdrl.functional.ddim import gaussian_kl_same_std
 from lightning_sdrl.functional.ppo import PolicyLoss, clip_advantages, ppo_clip_loss, truly_ppo_loss
 from lightning_sdrl.functional.stat_tracking import PerPromptStatTracker, batch_advantages
+from lightning_sdrl.metrics.generation import GenerationMetrics
+from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.rewards.base import check_reward_output
 
@@ -58,7 +59,7 @@ def ddpo_adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
 
 
-class DDPOModule(pl.LightningModule):
+class DDPOModule(GenerationModule):
     """DDPO with PPO clipping or a KL trust region, for any :class:`DiffusionPolicy` and reward.
 
     Args:
@@ -90,6 +91,8 @@ class DDPOModule(pl.LightningModule):
         save_trained_on_end: write the trained LoRA/UNet to ``<log_dir>/trained`` after fit.
         checkpoint_trainable_only: checkpoints hold only trainable weights (the frozen base model
             is reloaded from its source).
+        evaluation: FID / precision-recall / attribute-KL of validation samples against a
+            reference set (``None``: only the mean reward is validated).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class DDPOModule(pl.LightningModule):
         sample_grid_every_n_epochs: int = 1,
         save_trained_on_end: bool = True,
         checkpoint_trainable_only: bool = True,
+        evaluation: GenerationMetrics | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < timestep_fraction <= 1.0:
@@ -131,7 +135,9 @@ class DDPOModule(pl.LightningModule):
                 raise ValueError(f"{name}={value}; expected a positive integer")
         if trust_region not in ("clip", "truly"):
             raise ValueError(f"trust_region={trust_region!r}; expected 'clip' or 'truly'")
-        self.save_hyperparameters(ignore=["policy", "reward", "optimizer"])
+        self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "evaluation"])
+        self.keep_step_means = trust_region == "truly"
+        self.evaluation = evaluation
         self.automatic_optimization = False
         self.strict_loading = not checkpoint_trainable_only
         self.policy, self.reward, self.optimizer_factory = policy, reward, optimizer
@@ -163,12 +169,6 @@ class DDPOModule(pl.LightningModule):
             trajectory = Trajectory.cat([t for t, _ in samples])
             self.update(trajectory, torch.cat([r for _, r in samples]))
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Sample with fixed seeds and log the mean reward."""
-        trajectory = self.sample(batch)
-        rewards = self.score(trajectory)
-        self.log("val/reward_mean", rewards.nanmean(), batch_size=len(batch), sync_dist=True)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the tracker's buffers; drop frozen weights when ``checkpoint_trainable_only``."""
         checkpoint["stat_tracker"] = self.tracker.state_dict()
@@ -191,24 +191,6 @@ class DDPOModule(pl.LightningModule):
                 self.policy.save_trained(directory)
 
     # ------------------------------------------------------------------ sampling and rewards
-    @torch.no_grad()
-    def sample(self, batch: PromptBatch) -> Trajectory:
-        """Sample trajectories for a prompt batch with its seed."""
-        was_training = self.policy.training
-        self.policy.eval()
-        generator = torch.Generator(self.policy.device).manual_seed(batch.seed)
-        trajectory = self.policy.sample(
-            batch.prompts,
-            num_steps=self.hparams.num_steps,
-            eta=self.hparams.eta,
-            guidance_scale=self.hparams.guidance_scale,
-            generator=generator,
-            prompt_ids=batch.prompt_ids,
-            keep_means=self.hparams.trust_region == "truly",
-        )
-        self.policy.train(was_training)
-        return trajectory
-
     @torch.no_grad()
     def score(self, trajectory: Trajectory) -> Tensor:
         """Rewards ``[B]`` of sampled trajectories (batch-level rewards see all processes)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.cli import OptimizerCallable
@@ -25,6 +24,8 @@ from torch import Tensor, nn
 
 from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.functional.ddim import gaussian_kl_same_std, sample_step
+from lightning_sdrl.metrics.generation import GenerationMetrics
+from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.rewards.base import check_reward_output
 
@@ -34,7 +35,7 @@ def refl_adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5)
 
 
-class ReFLModule(pl.LightningModule):
+class ReFLModule(GenerationModule):
     """Reward feedback learning with a KL regulariser to the pretrained model.
 
     Args:
@@ -50,6 +51,8 @@ class ReFLModule(pl.LightningModule):
         kl_weight: ``beta`` of eq. (5) (0.01 in the seed).
         truncated_backprop_steps: ``K`` for DRaFT-K / AlignProp (gradients through the last ``K``
             steps, final sample scored); ``None`` is ReFL.
+        evaluation: FID / precision-recall / attribute-KL of validation samples against a
+            reference set (``None``: only the mean reward is validated).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class ReFLModule(pl.LightningModule):
         reward_weight: float = 100.0,
         kl_weight: float = 0.01,
         truncated_backprop_steps: int | None = None,
+        evaluation: GenerationMetrics | None = None,
     ) -> None:
         super().__init__()
         low, high = grad_step_range
@@ -74,7 +78,8 @@ class ReFLModule(pl.LightningModule):
             )
         if truncated_backprop_steps is not None and not 1 <= truncated_backprop_steps <= num_steps:
             raise ValueError(f"truncated_backprop_steps={truncated_backprop_steps}; expected 1..{num_steps} or None")
-        self.save_hyperparameters(ignore=["policy", "reward", "optimizer"])
+        self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "evaluation"])
+        self.evaluation = evaluation
         self.policy, self.reward, self.optimizer_factory = policy, reward, optimizer
         self.strict_loading = False
 
@@ -143,20 +148,6 @@ class ReFLModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v.float() for k, v in out.items()}, batch_size=len(batch))
         self.log("reward", out["reward"], prog_bar=True, logger=False, batch_size=len(batch))
         return out["loss"]
-
-    @torch.no_grad()
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Full sampling with fixed seeds; logs the mean reward."""
-        hp = self.hparams
-        trajectory = self.policy.sample(
-            batch.prompts,
-            num_steps=hp.num_steps,
-            eta=hp.eta,
-            guidance_scale=hp.guidance_scale,
-            generator=torch.Generator(self.policy.device).manual_seed(batch.seed),
-        )
-        rewards = check_reward_output(self.reward(trajectory.images, batch.prompts), len(batch))
-        self.log("val/reward_mean", rewards.mean(), batch_size=len(batch), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints hold only the trainable weights (the base model reloads from its source)."""

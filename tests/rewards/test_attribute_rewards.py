@@ -1,0 +1,189 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sdrl.data.digits import digits_split
+from lightning_sdrl.functional.classifier_rewards import balance_reward, shift_reward
+from lightning_sdrl.rewards.attribute import (
+    BalanceReward,
+    ShiftReward,
+    attribute_shares,
+    group_probabilities,
+)
+from lightning_sdrl.rewards.classifiers import DigitsClassifier
+
+# hand-made probabilities of a 4-class classifier for 6 images
+PROBS = torch.tensor(
+    [
+        [0.80, 0.10, 0.05, 0.05],
+        [0.05, 0.60, 0.30, 0.05],
+        [0.10, 0.10, 0.10, 0.70],
+        [0.40, 0.20, 0.20, 0.20],
+        [0.90, 0.05, 0.03, 0.02],
+        [0.05, 0.05, 0.85, 0.05],
+    ]
+)
+
+
+class FixedClassifier(nn.Module):
+    """Returns PROBS whatever the images: the rewards are checked against the functional math."""
+
+    labels = ["cat", "dog", "fox", "owl"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))  # a parameter, to see it frozen
+
+    def forward(self, images):
+        return PROBS[: images.shape[0]] * self.scale
+
+
+def _images(n=6):
+    return torch.rand(n, 3, 8, 8)
+
+
+def test_group_probabilities_sums_the_classes_of_each_group():
+    grouped = group_probabilities(PROBS, [[0], [1, 2]])
+    torch.testing.assert_close(grouped, torch.stack([PROBS[:, 0], PROBS[:, 1] + PROBS[:, 2]], 1))
+    assert group_probabilities(PROBS, None) is PROBS
+    with pytest.raises(ValueError, match="two columns"):
+        group_probabilities(PROBS, [[0, 1], [1]])
+    with pytest.raises(ValueError, match=r"outside \[0, 3\]"):
+        group_probabilities(PROBS, [[0], [4]])
+    with pytest.raises(ValueError, match="at least two non-empty"):
+        group_probabilities(PROBS, [[0, 1]])
+
+
+def test_shift_reward_with_groups_equals_the_functional_value():
+    groups = [[0], [1, 2]]
+    grouped = torch.stack([PROBS[:, 0], PROBS[:, 1] + PROBS[:, 2]], dim=1)
+    reward = ShiftReward(FixedClassifier(), target=1, groups=groups)
+    assert reward.batch_level is False
+    assert not any(p.requires_grad for p in reward.parameters())
+    torch.testing.assert_close(reward(_images(), ["p"] * 6), shift_reward(grouped, 1))
+    # a class name selects the group that contains it
+    assert ShiftReward(FixedClassifier(), target="fox", groups=groups).target == 1
+    assert ShiftReward(FixedClassifier(), target="owl").target == 3
+    assert reward.attribute_names == ["cat", "dog+fox"]
+    torch.testing.assert_close(ShiftReward(FixedClassifier(), target="dog")(_images(), []), PROBS[:, 1])
+
+
+def test_shift_reward_target_errors_name_the_value():
+    with pytest.raises(ValueError, match="target='owl'.*none of groups"):
+        ShiftReward(FixedClassifier(), target="owl", groups=[[0], [1, 2]])
+    with pytest.raises(ValueError, match="target='horse'.*labels"):
+        ShiftReward(FixedClassifier(), target="horse")
+    with pytest.raises(ValueError, match=r"target=2; expected a column index in \[0, 1\]"):
+        ShiftReward(FixedClassifier(), target=2, groups=[[0], [1]])
+    with pytest.raises(TypeError, match="classifier is a str"):
+        ShiftReward("gender", target=0)
+
+
+def test_balance_reward_with_groups_equals_the_functional_value():
+    groups = [[0], [1, 2]]
+    grouped = torch.stack([PROBS[:, 0], PROBS[:, 1] + PROBS[:, 2]], dim=1)
+    reward = BalanceReward(FixedClassifier(), threshold=0.7, groups=groups)
+    assert reward.batch_level is True
+    rewards = reward(_images(), ["p"] * 6)
+    expected = balance_reward(grouped, threshold=0.7)
+    torch.testing.assert_close(rewards, expected)
+    # two "cat" images, two "dog+fox" images, two "None" (rows 2 and 3): balanced, all zero
+    torch.testing.assert_close(rewards, torch.zeros(6))
+    target = [0.25, 0.75]
+    skewed = BalanceReward(FixedClassifier(), groups=groups, target_distribution=target)
+    torch.testing.assert_close(skewed(_images(), []), balance_reward(grouped, 0.7, torch.tensor(target)))
+    # without groups: four columns
+    torch.testing.assert_close(
+        BalanceReward(FixedClassifier(), threshold=0.6)(_images(), []),
+        balance_reward(PROBS, threshold=0.6),
+    )
+
+
+def test_balance_reward_argument_errors():
+    with pytest.raises(ValueError, match="threshold=0"):
+        BalanceReward(FixedClassifier(), threshold=0.0)
+    with pytest.raises(ValueError, match=r"target_distribution=\[0.5, 0.5\]; expected 4"):
+        BalanceReward(FixedClassifier(), target_distribution=[0.5, 0.5])
+
+
+def test_attribute_shares_counts_columns_and_none():
+    shares = attribute_shares(group_probabilities(PROBS, [[0], [1, 2]]), threshold=0.7)
+    torch.testing.assert_close(shares, torch.tensor([2 / 6, 2 / 6, 2 / 6]))
+    torch.testing.assert_close(attribute_shares(PROBS, 0.5), torch.tensor([2, 1, 1, 1, 1]) / 6)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, labels = digits_split("test")
+    return images.expand(-1, 3, -1, -1), labels
+
+
+def test_digit_groups_reward_zero_against_other_loop_digits(digits):
+    images, labels = digits
+    # three zeros, one eight, one three (in no group: "None")
+    batch = torch.cat([images[labels == 0][:3], images[labels == 8][:1], images[labels == 3][:1]])
+    classifier = DigitsClassifier()
+    reward = BalanceReward(classifier, groups=[[0], [6, 8, 9]])
+    with torch.no_grad():
+        grouped = group_probabilities(classifier(batch), [[0], [6, 8, 9]])
+    rewards = reward(batch, [""] * 5)
+    torch.testing.assert_close(rewards, balance_reward(grouped))
+    # q = 1/4: zeros are over-represented (-1/4), the eight under-represented (+1/4)
+    torch.testing.assert_close(rewards, torch.tensor([-0.25, -0.25, -0.25, 0.25, -0.25]))
+    assert reward.attribute_names == ["0", "6+8+9"]
+    torch.testing.assert_close(attribute_shares(grouped), torch.tensor([0.6, 0.2, 0.2]))
+
+
+def test_shift_reward_is_differentiable(digits):
+    images = digits[0][:4].clone().requires_grad_(True)
+    reward = ShiftReward(DigitsClassifier(), target="0", groups=[[0], [6, 8, 9]])
+    reward(images, [""] * 4).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_yaml_reward_config_instantiates_like_lightning_cli():
+    from jsonargparse import ArgumentParser
+
+    config = """
+reward:
+  class_path: lightning_sdrl.rewards.attribute.BalanceReward
+  init_args:
+    classifier:
+      class_path: lightning_sdrl.rewards.classifiers.DigitsClassifier
+    groups: [[0], [6, 8, 9]]
+    threshold: 0.8
+"""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--reward", type=nn.Module)
+    reward = parser.instantiate_classes(parser.parse_string(config)).reward
+    assert isinstance(reward, BalanceReward) and isinstance(reward.classifier, DigitsClassifier)
+    assert reward.groups == [[0], [6, 8, 9]] and reward.threshold == 0.8
+    assert reward(torch.rand(4, 3, 16, 16), [""] * 4).shape == (4,)
+
+
+def test_ddpo_config_with_the_balance_reward_parses(tmp_path, capsys):
+    import yaml
+
+    from lightning_sdrl.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "configs" / "tiny" / "ddpo.yaml").read_text())
+    config["model"]["init_args"]["reward"] = {
+        "class_path": "lightning_sdrl.rewards.attribute.BalanceReward",
+        "init_args": {
+            "classifier": {"class_path": "lightning_sdrl.rewards.classifiers.DigitsClassifier"},
+            "groups": [[0], [6, 8, 9]],
+        },
+    }
+    path = tmp_path / "ddpo_balance.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(path), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    reward = printed["model"]["init_args"]["reward"]
+    assert reward["class_path"] == "lightning_sdrl.rewards.attribute.BalanceReward"
+    assert reward["init_args"]["groups"] == [[0], [6, 8, 9]]
+    assert reward["init_args"]["threshold"] == 0.7
