@@ -11,7 +11,7 @@ Equation numbers refer to Song et al., "Denoising Diffusion Implicit Models" (20
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import DDIMScheduler
@@ -24,7 +24,8 @@ class DDIMStepDistribution(NamedTuple):
 
     Attributes:
         mean: ``[B, ...]`` mean of ``x_{t-1}`` (same shape as the sample).
-        std: ``[B, 1, ..., 1]`` standard deviation, broadcastable to the sample.
+        std: ``[B, 1, ..., 1]`` (or ``[1, ..., 1]`` for a shared timestep) standard deviation,
+            broadcastable to the sample.
         pred_original_sample: ``[B, ...]`` the predicted ``x_0`` (after clipping, if configured).
     """
 
@@ -33,21 +34,32 @@ class DDIMStepDistribution(NamedTuple):
     pred_original_sample: Tensor
 
 
-def _gather(values: Tensor, index: Tensor, ndim: int) -> Tensor:
-    """values[index] reshaped to ``[B, 1, ..., 1]`` with ``ndim`` dimensions in all."""
-    return values[index].reshape(-1, *([1] * (ndim - 1)))
+def _step_alphas(scheduler: DDIMScheduler, timestep: int | Tensor, sample: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``alpha_t``, ``alpha_{t-1}`` and the ``alpha_{t-1}`` of the variance (floored, see below).
 
-
-def _as_batch_timesteps(timestep: int | Tensor, batch_size: int, device: torch.device) -> Tensor:
-    timestep = torch.as_tensor(timestep, device=device).long()
-    if timestep.ndim == 0:
-        return timestep.expand(batch_size)
-    if timestep.shape != (batch_size,):
-        raise ValueError(
-            f"timestep has shape {list(timestep.shape)}; expected a scalar or shape [{batch_size}] "
-            "(one timestep per sample)"
-        )
-    return timestep
+    For a scalar timestep these are 0-dim CPU tensors (which broadcast into device kernels as
+    scalars: no tiny device ops, no synchronisation; pass the timestep on the CPU), otherwise
+    ``[B, 1, ..., 1]`` tensors on the sample's device. Both round exactly alike, so a step scored
+    in a mixed batch gets the log-prob it was sampled with.
+    """
+    offset = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    final = float(scheduler.final_alpha_cumprod)
+    if not isinstance(timestep, Tensor) or timestep.ndim == 0:
+        alphas, t, shape = scheduler.alphas_cumprod.to(dtype), torch.tensor(int(timestep)), ()
+    else:
+        if timestep.shape != (sample.shape[0],):
+            raise ValueError(
+                f"timestep has shape {list(timestep.shape)}; expected a scalar or shape [{sample.shape[0]}] "
+                "(one timestep per sample)"
+            )
+        alphas = scheduler.alphas_cumprod.to(device=sample.device, dtype=dtype)
+        t, shape = timestep.to(sample.device).long(), (-1, *([1] * (sample.ndim - 1)))
+    is_last = (t - offset < 0).reshape(shape)
+    alpha_t = alphas[t].reshape(shape)
+    alpha_prev = torch.where(is_last, final, alphas[(t - offset).clamp(min=0)].reshape(shape))
+    alpha_prev_for_var = torch.where(is_last & (alpha_prev >= 1), alphas[0], alpha_prev)
+    return alpha_t, alpha_prev, alpha_prev_for_var
 
 
 def ddim_step_distribution(
@@ -94,17 +106,9 @@ def ddim_step_distribution(
         )
     dtype = torch.promote_types(sample.dtype, torch.float32)
     sample, model_output = sample.to(dtype), model_output.to(dtype)
-    ndim, device = sample.ndim, sample.device
-    t = _as_batch_timesteps(timestep, sample.shape[0], device)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=dtype)
-    final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=dtype)
-
-    # 1. previous timestep t - Δt, as in DDIMScheduler.step
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    # 2. alphas: alpha_t and alpha_{t-1} ("alpha" is the cumulative product, as in the DDIM paper)
-    alpha_t = _gather(alphas_cumprod, t, ndim)
-    is_last = (prev_t < 0).reshape(-1, *([1] * (ndim - 1)))
-    alpha_prev = torch.where(is_last, final_alpha, _gather(alphas_cumprod, prev_t.clamp(min=0), ndim))
+    # 1.-2. alpha_t, alpha_{t-1} = alpha of t - Δt, and the alpha_{t-1} of the variance ("alpha"
+    # is the cumulative product, as in the DDIM paper)
+    alpha_t, alpha_prev, alpha_prev_for_var = _step_alphas(scheduler, timestep, sample)
     beta_t = 1 - alpha_t
     # 3. predicted x_0 and epsilon: formula (12)
     prediction_type = scheduler.config.prediction_type
@@ -123,12 +127,13 @@ def ddim_step_distribution(
         limit = scheduler.config.clip_sample_range
         pred_x0 = pred_x0.clamp(-limit, limit)
     # 4. variance sigma_t^2: formula (16); floored at the last step when alpha_{t-1} = 1 (see above)
-    alpha_prev_for_var = torch.where(is_last & (alpha_prev >= 1), alphas_cumprod[0], alpha_prev)
     variance = (1 - alpha_prev_for_var) / beta_t * (1 - alpha_t / alpha_prev_for_var)
     std = eta * variance.sqrt()
     # 5. mean: "x_0 direction" + "x_t direction" of formula (12)
     direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt() * pred_eps
     mean = alpha_prev.sqrt() * pred_x0 + direction
+    if std.ndim == 0:
+        std = torch.full([1] * sample.ndim, std.item(), device=sample.device, dtype=dtype)
     return DDIMStepDistribution(mean=mean, std=std, pred_original_sample=pred_x0)
 
 

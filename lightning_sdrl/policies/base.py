@@ -160,17 +160,23 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """Parameter dtype of the denoiser."""
         return next(self.unet.parameters()).dtype
 
-    def guided_prediction(self, sample: Tensor, timesteps: Tensor, conditions: Tensor, guidance_scale: float) -> Tensor:
+    def guided_prediction(
+        self, sample: Tensor, timesteps: Tensor, conditions: Tensor, guidance_scale: float
+    ) -> Tensor:
         """Denoiser output with classifier-free guidance, both branches in one denoiser call."""
+        return self._guided(sample, timesteps, self._guidance_conditions(conditions, guidance_scale), guidance_scale)
+
+    def _guidance_conditions(self, conditions: Tensor, guidance_scale: float) -> Tensor:
+        """``[null; conditions]`` stacked once for guided calls (``conditions`` without guidance)."""
         if guidance_scale == 1.0:
-            return self.denoise(sample, timesteps, conditions)
-        batch = sample.shape[0]
-        both = self.denoise(
-            torch.cat([sample, sample]),
-            torch.cat([timesteps, timesteps]),
-            torch.cat([self.null_condition(batch).to(conditions.dtype), conditions]),
-        )
-        uncond, cond = both.chunk(2)
+            return conditions
+        return torch.cat([self.null_condition(conditions.shape[0]).to(conditions.dtype), conditions])
+
+    def _guided(self, sample: Tensor, timesteps: Tensor, both: Tensor, guidance_scale: float) -> Tensor:
+        if guidance_scale == 1.0:
+            return self.denoise(sample, timesteps, both)
+        output = self.denoise(torch.cat([sample, sample]), timesteps.repeat(2), both)
+        uncond, cond = output.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
     def set_num_steps(self, num_steps: int) -> Tensor:
@@ -211,10 +217,11 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         batch = len(prompts)
         x = randn_tensor((batch, *self.sample_shape), generator=generator, device=device, dtype=self.dtype)
         latents, log_probs, means = [x], [], []
-        for t in timesteps:
-            t_batch = t.expand(batch)
-            model_output = self.guided_prediction(x, t_batch, conditions, guidance_scale)
-            dist = ddim_step_distribution(self.scheduler, model_output, t_batch, x, eta)
+        both = self._guidance_conditions(conditions, guidance_scale)
+        # The step math reads timesteps on the CPU (no device synchronisation per step).
+        for t, t_cpu in zip(timesteps, self.scheduler.timesteps, strict=True):
+            model_output = self._guided(x, t.expand(batch), both, guidance_scale)
+            dist = ddim_step_distribution(self.scheduler, model_output, t_cpu, x, eta)
             x, log_prob = sample_step(dist, x.dtype, generator)
             latents.append(x)
             log_probs.append(log_prob)
@@ -247,8 +254,10 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         Gradients flow if the caller enables them (ReFL runs the early steps under no_grad).
         """
         batch = sample.shape[0]
+        both = self._guidance_conditions(conditions, guidance_scale)
         for t in timesteps:
-            dist = self.step_distribution(sample, t.expand(batch), conditions, eta, guidance_scale)
+            model_output = self._guided(sample, t.expand(batch), both, guidance_scale)
+            dist = ddim_step_distribution(self.scheduler, model_output, t.cpu(), sample, eta)
             sample, _ = sample_step(dist, sample.dtype, generator)
         return sample
 
