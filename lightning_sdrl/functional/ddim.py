@@ -11,7 +11,7 @@ Equation numbers refer to Song et al., "Denoising Diffusion Implicit Models" (20
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from diffusers import DDIMScheduler
