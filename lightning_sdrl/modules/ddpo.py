@@ -80,6 +80,9 @@ class DDPOModule(GenerationModule):
         adv_clip_max: advantages are clamped to ``[-adv_clip_max, adv_clip_max]``.
         max_grad_norm: gradient-norm clip before each step (``None`` disables).
         per_prompt_stat_tracking: normalise rewards per prompt (else over the whole batch).
+        scale_advantages: divide batch-normalised advantages by the batch's reward std. ``False``
+            only centres them, so a reward whose size carries meaning (R_balance shrinks to 0 at
+            balance) keeps it and updates fade near the goal. Ignored with per-prompt tracking.
         stat_buffer_size: rewards kept per prompt by the tracker.
         stat_min_count: rewards a prompt needs before its own statistics are used.
         trust_region: ``"clip"`` (PPO) or ``"truly"`` (Truly PPO: rollback when the exact step
@@ -112,6 +115,7 @@ class DDPOModule(GenerationModule):
         adv_clip_max: float = 5.0,
         max_grad_norm: float | None = 1.0,
         per_prompt_stat_tracking: bool = True,
+        scale_advantages: bool = True,
         stat_buffer_size: int = 16,
         stat_min_count: int = 16,
         trust_region: Literal["clip", "truly"] = "clip",
@@ -225,8 +229,10 @@ class DDPOModule(GenerationModule):
             return
         if self.hparams.per_prompt_stat_tracking:
             all_advantages = self.tracker.update(all_ids.tolist(), all_rewards)
-        else:
+        elif self.hparams.scale_advantages:
             all_advantages = batch_advantages(all_rewards)
+        else:
+            all_advantages = all_rewards - all_rewards.mean()
         self.last_update.advantages = all_advantages
         self.reward_history.append(all_rewards.mean().detach().cpu())
         advantages = all_advantages.view(self.trainer.world_size, -1)[self.global_rank]

@@ -1,0 +1,38 @@
+"""Short versions of the digits debiasing experiments (the long ones: benchmarks/digits_debias.py)."""
+
+import json
+from pathlib import Path
+
+from lightning_sdrl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(config: str, tmp_path: Path, epochs: int, *extra: str) -> list[dict]:
+    main(["fit", "-c", str(ROOT / "configs" / "digits" / config), f"--trainer.default_root_dir={tmp_path}",
+          f"--trainer.max_epochs={epochs}", "--trainer.enable_progress_bar=false", *extra])
+    summary = json.loads((tmp_path / "attributes.json").read_text())
+    assert (tmp_path / "attributes.png").is_file() and (tmp_path / "samples_after.png").is_file()
+    assert (tmp_path / "trained" / "pytorch_lora_weights.safetensors").is_file()
+    return summary["history"]
+
+
+def minority_ratio(record: dict, column: str) -> float:
+    """q of eq. (2): the minority column's share among classified images."""
+    shares = record["shares"]
+    classified = sum(v for k, v in shares.items() if k != "None")
+    return shares[column] / classified if classified else 0.0
+
+
+def test_balance_reward_moves_the_biased_prompt_towards_balance(tmp_path):
+    history = run("ddpo_balance.yaml", tmp_path, 4)
+    ratios = [minority_ratio(r, "6+8+9") for r in history]
+    assert ratios[0] < 0.3  # the shipped model's bias: "a digit with a loop" is mostly zeros
+    assert max(ratios[1:]) > ratios[0] + 0.15, ratios
+
+
+def test_shift_reward_raises_the_under_represented_class(tmp_path):
+    history = run("ddpo_shift.yaml", tmp_path, 5, "--model.init_args.optimizer.init_args.lr=0.03")
+    rewards = [r["reward_mean"] for r in history]
+    assert history[0]["shares"]["6"] < 0.05
+    assert rewards[-1] > rewards[0] + 0.1, rewards
