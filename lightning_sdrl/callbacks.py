@@ -34,6 +34,12 @@ class AttributeTracker(pl.Callback):
         prompt: the prompt of the before/after grids (default: the data's first prompt).
         num_grid_images: images in the before/after grids.
         grid_seed: noise seed of the before/after grids (the same noise before and after).
+        eval_samples: if > 0, after every epoch also sample this many images of the grid prompt per
+            device, from the same noise every epoch, and record their shares as ``eval_shares``.
+            The epoch's own batch is fresh noise each time; fixed noise removes that sampling
+            noise from the epoch-to-epoch comparison, so "holds balance" is measured on the
+            policy rather than on the luck of one batch.
+        eval_seed: noise seed of those evaluation samples (device ``r`` uses ``eval_seed + r``).
     """
 
     def __init__(
@@ -45,10 +51,15 @@ class AttributeTracker(pl.Callback):
         prompt: str | None = None,
         num_grid_images: int = 16,
         grid_seed: int = 1234,
+        eval_samples: int = 0,
+        eval_seed: int = 4321,
     ) -> None:
+        if eval_samples < 0:
+            raise ValueError(f"eval_samples={eval_samples}; expected 0 (off) or a positive number of images")
         self.classifier, self.groups, self.names = classifier, groups, names
         self.threshold, self.prompt = threshold, prompt
         self.num_grid_images, self.grid_seed = num_grid_images, grid_seed
+        self.eval_samples, self.eval_seed = eval_samples, eval_seed
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -74,16 +85,22 @@ class AttributeTracker(pl.Callback):
             names = [f"class {i}" for i in range(num_columns)]
         return [*names, "None"]
 
-    def _grid_batch(self, trainer: pl.Trainer) -> PromptBatch:
+    def _prompt_batch(self, trainer: pl.Trainer, size: int, seed: int) -> PromptBatch:
         prompt = self.prompt or trainer.datamodule.prompts[0]
-        ids = torch.zeros(self.num_grid_images, dtype=torch.long)
-        return PromptBatch([prompt] * self.num_grid_images, ids, seed=self.grid_seed)
+        return PromptBatch([prompt] * size, torch.zeros(size, dtype=torch.long), seed=seed)
+
+    def _shares(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor) -> dict[str, float]:
+        """Attribute shares of images gathered from every device, by column name."""
+        probs = pl_module.all_gather(self.attribute_probs(pl_module, images))
+        probs = probs.flatten(0, 1) if trainer.world_size > 1 else probs
+        shares = attribute_shares(probs, self.threshold)
+        return dict(zip(self.column_names(pl_module, len(shares) - 1), shares.tolist(), strict=True))
 
     def _grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> dict[str, float]:
         """Sample the fixed grid prompt/noise, save ``<name>.png``; returns its attribute shares."""
         from torchvision.utils import save_image
 
-        trajectory = pl_module.sample(self._grid_batch(trainer))
+        trajectory = pl_module.sample(self._prompt_batch(trainer, self.num_grid_images, self.grid_seed))
         directory = self._log_dir(trainer)
         shares = attribute_shares(self.attribute_probs(pl_module, trajectory.images), self.threshold)
         if trainer.is_global_zero:
@@ -106,16 +123,17 @@ class AttributeTracker(pl.Callback):
         update = getattr(pl_module, "last_update", None)
         if update is None:
             return
-        probs = pl_module.all_gather(self.attribute_probs(pl_module, update.images))
-        probs = probs.flatten(0, 1) if trainer.world_size > 1 else probs
-        shares = attribute_shares(probs, self.threshold)
-        record = {
+        record: dict[str, Any] = {
             "epoch": trainer.current_epoch,
             "reward_mean": float(update.rewards.float().mean()),
-            "shares": dict(zip(self.column_names(pl_module, len(shares) - 1), shares.tolist(), strict=True)),
+            "shares": self._shares(trainer, pl_module, update.images),
         }
-        self.history.append(record)
         line = f"epoch {record['epoch']:3d} | reward {record['reward_mean']:+.4f} | {_format(record['shares'])}"
+        if self.eval_samples:
+            batch = self._prompt_batch(trainer, self.eval_samples, self.eval_seed + trainer.global_rank)
+            record["eval_shares"] = self._shares(trainer, pl_module, pl_module.sample(batch).images)
+            line += f" || fixed-noise eval: {_format(record['eval_shares'])}"
+        self.history.append(record)
         rank_zero_info(line)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,8 +170,12 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
 
     epochs = [record["epoch"] for record in history]
     fig, (ax_share, ax_reward) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in history[0]["shares"]:
-        ax_share.plot(epochs, [100 * r["shares"][name] for r in history], marker="o", label=name)
+    for index, name in enumerate(history[0]["shares"]):
+        color = f"C{index}"
+        ax_share.plot(epochs, [100 * r["shares"][name] for r in history], marker="o", color=color, label=name)
+        if "eval_shares" in history[0]:
+            eval_shares = [100 * r["eval_shares"][name] for r in history]
+            ax_share.plot(epochs, eval_shares, linestyle="--", color=color, alpha=0.6, label=f"{name} (fixed noise)")
     ax_share.axhline(50, color="grey", linestyle=":", linewidth=1)
     ax_share.set(xlabel="epoch", ylabel="share of samples (%)", ylim=(-2, 102), title="attribute ratio")
     ax_share.legend(fontsize=8)

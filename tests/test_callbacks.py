@@ -29,3 +29,30 @@ def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
     for name in ("attributes.png", "samples_before.png", "samples_after.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert tracker.state_dict()["history"] == summary["history"]
+
+
+def test_attribute_tracker_eval_samples_use_the_same_noise_every_epoch(tmp_path):
+    import pytest
+    import torch
+
+    from lightning_sdrl.data.sampling import PromptBatch
+    from lightning_sdrl.rewards.attribute import attribute_shares
+
+    with pytest.raises(ValueError, match="eval_samples=-1"):
+        AttributeTracker(eval_samples=-1)
+    reward = BalanceReward(DigitsClassifier(), groups=[[0], [6, 8, 9]], threshold=0.3)
+    module = DDPOModule(RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)), reward, num_steps=2,
+                        guidance_scale=1.0, train_batch_size=4, stat_min_count=4, sample_grid_every_n_epochs=0,
+                        save_trained_on_end=False, optimizer=lambda p: torch.optim.SGD(p, lr=10.0))
+    tracker = AttributeTracker(num_grid_images=4, eval_samples=6, eval_seed=7, threshold=0.3)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[tracker])
+    trainer.fit(module, SamplingDataModule(prompts=["a digit with a loop"], batch_size=4, num_batches_per_epoch=1))
+    last = tracker.history[-1]["eval_shares"]
+    assert abs(sum(last.values()) - 1) < 1e-6
+    # the final policy on the eval noise gives exactly the last recorded eval shares
+    images = module.sample(PromptBatch(["a digit with a loop"] * 6, torch.zeros(6, dtype=torch.long), seed=7)).images
+    with torch.no_grad():
+        expected = attribute_shares(reward.attribute_probs(images), 0.3).tolist()
+    assert list(last.values()) == pytest.approx(expected)

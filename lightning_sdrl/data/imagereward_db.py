@@ -33,12 +33,11 @@ from typing import Literal, NamedTuple
 import lightning.pytorch as pl
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from lightning_sdrl.functional.preference import ranking_to_pairs
-from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
 Split = Literal["train", "validation", "test"]
 PARQUET_FILES: dict[str, str] = {
@@ -244,7 +243,7 @@ class EmbeddingCache:
             self.images = dict(zip(state["image_keys"], state["image_embeds"], strict=True))
             self.texts = dict(zip(state["text_keys"], state["text_embeds"], strict=True))
 
-    def check(self, encoder: CLIPEmbedder) -> None:
+    def check(self, encoder: nn.Module) -> None:
         """Raise if the cached embeddings come from another encoder than ``encoder``."""
         if self.encoder_key not in (None, encoder.cache_key):
             raise ValueError(
@@ -254,7 +253,7 @@ class EmbeddingCache:
 
     def update(
         self,
-        encoder: CLIPEmbedder,
+        encoder: nn.Module,
         image_files: Mapping[str, Path],
         prompts: Iterable[str],
         batch_size: int = 64,
@@ -263,8 +262,8 @@ class EmbeddingCache:
         """Encode the images and prompts not cached yet, each once.
 
         Args:
-            encoder: Frozen encoder with ``cache_key``, ``preprocess``, ``encode_pixels`` and
-                ``encode_text``; runs on the device of its parameters.
+            encoder: Frozen encoder with ``cache_key``, ``device``, ``preprocess``, ``encode_pixels``
+                and ``encode_text`` (a :class:`CLIPEmbedder` or e.g. a ``DigitsEmbedder``).
             image_files: Image key -> file.
             prompts: Prompt texts.
             batch_size: Images or prompts per encoder call.
@@ -274,7 +273,7 @@ class EmbeddingCache:
         self.encoder_key = encoder.cache_key
         new_images = [key for key in image_files if key not in self.images]
         new_prompts = [p for p in dict.fromkeys(prompts) if p not in self.texts]
-        device = encoder.mean.device
+        device = encoder.device
         with torch.no_grad():
             loader = DataLoader(
                 _ImageFiles([image_files[key] for key in new_images]),
@@ -388,7 +387,7 @@ class ImageRewardDataModule(pl.LightningDataModule):
         image_dir: str | None = None,
         cache_path: str | None = None,
         encode_batch_size: int = 64,
-        encoder: CLIPEmbedder | None = None,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -464,7 +463,7 @@ class ImageRewardDataModule(pl.LightningDataModule):
                 "encoder=CLIPEmbedder(...) or run it in a Trainer with a LightningModule that has "
                 "an `embedder` (e.g. RewardModelModule)"
             )
-        home = encoder.mean.device
+        home = encoder.device
         if self.trainer is not None:  # encode on the Trainer's device, then hand CLIP back
             encoder.to(self.trainer.strategy.root_device)
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -67,6 +67,8 @@ class DDPOModule(GenerationModule):
         reward: ``reward(images [B,3,H,W] in [0,1], prompts, **metadata) -> Tensor[B]``. A reward
             with ``batch_level = True`` is called on the batch of all processes at once.
         optimizer: optimiser factory for the trainable parameters.
+        lr_scheduler: optional learning-rate schedule factory (e.g. ``torch.optim.lr_scheduler.ExponentialLR``),
+            stepped once per DDPO epoch, after the policy update; its state is checkpointed.
         num_steps: DDIM sampling steps ``T``.
         eta: DDIM noise weight in ``(0, 1]``.
         guidance_scale: classifier-free guidance weight for sampling.
@@ -103,6 +105,7 @@ class DDPOModule(GenerationModule):
         policy: DiffusionPolicy,
         reward: nn.Module,
         optimizer: OptimizerCallable = ddpo_adamw,
+        lr_scheduler: LRSchedulerCallable | None = None,
         num_steps: int = 50,
         eta: float = 1.0,
         guidance_scale: float = 5.0,
@@ -139,12 +142,13 @@ class DDPOModule(GenerationModule):
                 raise ValueError(f"{name}={value}; expected a positive integer")
         if trust_region not in ("clip", "truly"):
             raise ValueError(f"trust_region={trust_region!r}; expected 'clip' or 'truly'")
-        self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "evaluation"])
+        self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "lr_scheduler", "evaluation"])
         self.keep_step_means = trust_region == "truly"
         self.evaluation = evaluation
         self.automatic_optimization = False
         self.strict_loading = not checkpoint_trainable_only
         self.policy, self.reward, self.optimizer_factory = policy, reward, optimizer
+        self.lr_scheduler_factory = lr_scheduler
         self.tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
         self._epoch_samples: list[tuple[Trajectory, Tensor]] = []
         self.skipped_epochs = 0
@@ -152,12 +156,15 @@ class DDPOModule(GenerationModule):
         self.reward_history: list[Tensor] = []
 
     # ------------------------------------------------------------------ Lightning hooks
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The optimiser over the policy's trainable parameters (LoRA or the whole UNet)."""
+    def configure_optimizers(self) -> Any:
+        """The optimiser over the policy's trainable parameters (LoRA or the whole UNet), and its schedule."""
         params = self.policy.trainable_parameters()
         if not params:
             raise ValueError("the policy has no trainable parameters; check its lora settings")
-        return self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
         """Keep a frozen copy of the denoiser if a reference KL is asked for under full fine-tuning."""
@@ -248,6 +255,10 @@ class DDPOModule(GenerationModule):
         )
         self.log("reward", all_rewards.mean(), prog_bar=True, logger=False)
         self._maybe_save_grid(trajectory)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            self.log("train/lr", scheduler.get_last_lr()[0])
+            scheduler.step()
 
     def _inner_epoch(self, trajectory: Trajectory, advantages: Tensor, inner: int) -> dict[str, Tensor]:
         """One pass over shuffled samples and shuffled timesteps; returns mean statistics."""

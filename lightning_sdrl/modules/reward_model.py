@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_sdrl.data.imagereward_db import PreferenceBatch
 from lightning_sdrl.functional.preference import pairwise_loss, preference_accuracy
@@ -38,6 +38,11 @@ class RewardModelModule(pl.LightningModule):
         weight_decay: Adam L2 weight decay (the seed uses none).
         export_dir: Folder to write the trained head to when fitting ends (see :meth:`export`);
             ``None`` skips it.
+        embedder: Another frozen embedder with :class:`CLIPEmbedder`'s interface (``embed_dim``,
+            ``cache_key``, ``device``, ``preprocess``, ``encode_pixels``, ``encode_text``, and
+            ``config()`` for export), e.g.
+            :class:`~lightning_sdrl.rewards.digits_embedder.DigitsEmbedder` for the digits default;
+            replaces the CLIP named by ``clip_model_name`` / ``clip_pretrained``.
     """
 
     def __init__(
@@ -51,10 +56,11 @@ class RewardModelModule(pl.LightningModule):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         export_dir: str | None = None,
+        embedder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.embedder = CLIPEmbedder(clip_model_name, pretrained=clip_pretrained)
+        self.save_hyperparameters(ignore=["embedder"])
+        self.embedder = CLIPEmbedder(clip_model_name, pretrained=clip_pretrained) if embedder is None else embedder
         self.head = RewardHead(self.embedder.embed_dim, hidden_sizes, dropout)
 
     def forward(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
@@ -124,13 +130,7 @@ class RewardModelModule(pl.LightningModule):
             raise ValueError(
                 f"got {scores.numel()} training image(s); expected at least 2 for the score std"
             )
-        save_reward_head(
-            directory,
-            self.head,
-            self.hparams.clip_model_name,
-            scores.mean().item(),
-            scores.std().item(),
-        )
+        save_reward_head(directory, self.head, self.embedder, scores.mean().item(), scores.std().item())
 
     def on_train_end(self) -> None:
         """Export the best checkpoint's head to ``export_dir`` with training-set statistics.

@@ -16,6 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.policies.loading import check_source, load_clip_tokenizer, load_component
 from lightning_sdrl.policies.lora import LoRASettings
+from lightning_sdrl.policies.tokenizers import token_ids
 
 
 @dataclass
@@ -113,15 +114,7 @@ class TextToImagePolicy(DiffusionPolicy):
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """CLIP text embeddings ``[B, L, D]`` (padded to the tokenizer's max length)."""
-        if not prompts:
-            raise ValueError("prompts is empty; expected at least one prompt")
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
+        ids = token_ids(self.tokenizer, prompts, self.text_encoder.device)
         with torch.no_grad():
             return self.text_encoder(ids)[0]
 

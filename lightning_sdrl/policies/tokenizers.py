@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import open_clip
+import torch
 from transformers import CLIPTokenizer
 
 START, END = "<|startoftext|>", "<|endoftext|>"
@@ -70,3 +71,20 @@ def char_clip_tokenizer(max_length: int = 16) -> CLIPTokenizer:
         (514, 4)
     """
     return CLIPTokenizer(vocab=_vocab_from_merges([]), merges=[], model_max_length=max_length)
+
+
+def token_ids(tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Token ids ``[B, L]`` of prompts, padded (and truncated) to the tokenizer's max length.
+
+    Raises:
+        ValueError: If ``prompts`` is empty.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty; expected at least one prompt")
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)

@@ -14,6 +14,7 @@ them into one embedding and maps it to a scalar with an MLP trained on ImageRewa
    image and 1 one standard deviation better.
 """
 
+import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,6 +164,11 @@ class CLIPEmbedder(nn.Module):
         weights = Path(self.pretrained).name if self.pretrained else "random-init"
         return f"{self.model_name}:{weights}"
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the frozen weights."""
+        return self.mean.device
+
     def train(self, mode: bool = True) -> "CLIPEmbedder":
         """Keep the frozen model in eval mode whatever the parent module asks."""
         return super().train(False)
@@ -204,10 +210,46 @@ class CLIPEmbedder(nn.Module):
         return self.encode_images(images), self.encode_text(prompts)
 
 
+def embedder_spec(embedder: nn.Module | str) -> dict[str, Any]:
+    """How a saved reward head names the frozen embedder it reads.
+
+    A :class:`CLIPEmbedder` (or an open_clip config name) is ``{"clip_model_name": name}``: its
+    weights file is given again when loading. Any other embedder must have a ``config()`` method
+    returning its constructor arguments and is ``{"embedder": {"class_path", "init_args"}}``.
+    """
+    if isinstance(embedder, str):
+        return {"clip_model_name": embedder}
+    if isinstance(embedder, CLIPEmbedder):
+        return {"clip_model_name": embedder.model_name}
+    if not callable(getattr(embedder, "config", None)):
+        raise TypeError(
+            f"{type(embedder).__name__} has no config() method; a reward head can only be saved with a "
+            "CLIPEmbedder or an embedder whose config() returns its constructor arguments"
+        )
+    class_path = f"{type(embedder).__module__}.{type(embedder).__qualname__}"
+    return {"embedder": {"class_path": class_path, "init_args": embedder.config()}}
+
+
+def build_embedder(config: dict[str, Any], clip_pretrained: str | None) -> nn.Module:
+    """The embedder a saved head's ``config.json`` names (see :func:`embedder_spec`)."""
+    if "embedder" in config:
+        spec = config["embedder"]
+        module_name, _, class_name = spec["class_path"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(
+                f"the reward head's embedder {spec['class_path']!r} cannot be imported ({error}); "
+                "install the package that defines it"
+            ) from error
+        return cls(**spec.get("init_args", {}))
+    return CLIPEmbedder(config["clip_model_name"], pretrained=clip_pretrained)
+
+
 def save_reward_head(
     directory: str | Path,
     head: RewardHead,
-    clip_model_name: str,
+    embedder: nn.Module | str,
     score_mean: float = 0.0,
     score_std: float = 1.0,
 ) -> None:
@@ -216,14 +258,15 @@ def save_reward_head(
     Args:
         directory: Folder to write, created if missing.
         head: The trained head.
-        clip_model_name: open_clip config whose embeddings the head reads.
+        embedder: The frozen embedder whose embeddings the head reads (or an open_clip config
+            name, for a :class:`CLIPEmbedder`); see :func:`embedder_spec`.
         score_mean: Mean head score over the training images.
         score_std: Standard deviation of the head score over the training images.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
-        "clip_model_name": clip_model_name,
+        **embedder_spec(embedder),
         "head": head.config(),
         "score_mean": float(score_mean),
         "score_std": float(score_std),
@@ -241,7 +284,9 @@ class LearnedPreferenceReward(nn.Module):
     across trained heads. The module always stays in eval mode (no dropout).
 
     Args:
-        embedder: Frozen CLIP giving the embeddings the head was trained on.
+        embedder: Frozen CLIP giving the embeddings the head was trained on (or another frozen
+            embedder with the same interface, e.g.
+            :class:`~lightning_sdrl.rewards.digits_embedder.DigitsEmbedder`).
         head: Trained reward head.
         score_mean: Mean head score over the training images.
         score_std: Standard deviation of the head score over the training images.
@@ -249,7 +294,7 @@ class LearnedPreferenceReward(nn.Module):
 
     def __init__(
         self,
-        embedder: CLIPEmbedder,
+        embedder: nn.Module,
         head: RewardHead,
         score_mean: float = 0.0,
         score_std: float = 1.0,
@@ -293,10 +338,8 @@ class LearnedPreferenceReward(nn.Module):
         return (self.head(image_embeds, text_embeds) - self.score_mean) / self.score_std
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Save the head, its config and score statistics (not CLIP) to ``directory``."""
-        save_reward_head(
-            directory, self.head, self.embedder.model_name, self.score_mean, self.score_std
-        )
+        """Save the head, its config, its embedder's name and score statistics (not CLIP) to ``directory``."""
+        save_reward_head(directory, self.head, self.embedder, self.score_mean, self.score_std)
 
     @classmethod
     def from_pretrained(
@@ -307,7 +350,8 @@ class LearnedPreferenceReward(nn.Module):
         Args:
             directory: Folder holding ``config.json`` and ``head.safetensors``.
             clip_pretrained: Local weights file of the CLIP named in ``config.json`` (required, as
-                CLIP is not saved with the head; ``None`` only for random test models).
+                CLIP is not saved with the head; ``None`` only for random test models). Unused
+                when the head was trained on another embedder (rebuilt from ``config.json``).
 
         Returns:
             The reward, frozen and in eval mode.
@@ -322,7 +366,7 @@ class LearnedPreferenceReward(nn.Module):
         config = json.loads((directory / CONFIG_FILE).read_text())
         head = RewardHead(**config["head"])
         head.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-        embedder = CLIPEmbedder(config["clip_model_name"], pretrained=clip_pretrained)
+        embedder = build_embedder(config, clip_pretrained)
         reward = cls(embedder, head, config["score_mean"], config["score_std"])
         return reward.requires_grad_(False)
 

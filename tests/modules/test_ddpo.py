@@ -132,6 +132,22 @@ def test_checkpoint_holds_only_trainable_weights_and_resumes(tmp_path):
     assert len(next(iter(resumed.tracker.buffers.values()))) > len(next(iter(module.tracker.buffers.values())))
 
 
+def test_lr_scheduler_steps_once_per_ddpo_epoch_and_resumes(tmp_path):
+    def decay(optimizer):
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5)
+
+    module = tiny_module(optimizer=lambda params: torch.optim.AdamW(params, lr=0.01), lr_scheduler=decay)
+    trainer = tiny_trainer(tmp_path, epochs=2)
+    trainer.fit(module, tiny_data())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**2)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = tiny_module(optimizer=lambda params: torch.optim.AdamW(params, lr=0.01), lr_scheduler=decay)
+    trainer = tiny_trainer(tmp_path, epochs=3)
+    trainer.fit(resumed, tiny_data(), ckpt_path=path)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
+
+
 def test_validate_logs_mean_reward(tmp_path):
     module = tiny_module()
     data = SamplingDataModule(prompts=["a", "b"], val_samples_per_prompt=2, val_batch_size=2)
