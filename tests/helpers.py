@@ -66,3 +66,31 @@ class RecordUpdates(pl.Callback):
 
 def lora_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+
+def tiny_clip_config(embed_dim: int = 16, layers: int = 2) -> dict:
+    """An open_clip model config small enough for CPU tests (32x32 images, CLIP's BPE vocabulary)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": 32, "layers": layers, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": layers},
+    }
+
+
+def make_tiny_clip(folder, name: str, config: dict) -> tuple:
+    """Register ``config`` with open_clip as ``name`` and save seeded weights in ``folder``.
+
+    Returns:
+        ``(name, weights_path, model)`` with the model in eval mode.
+    """
+    import json
+
+    import open_clip
+
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{name}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(name).eval()
+    weights = folder / "tiny_clip.pt"
+    torch.save(model.state_dict(), weights)
+    return name, str(weights), model

@@ -2,7 +2,6 @@ import json
 import shutil
 
 import numpy as np
-import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,12 +15,9 @@ from lightning_sdrl.data.imagereward_db import (
     read_parquet_split,
 )
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
+from tests.helpers import make_tiny_clip, tiny_clip_config
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
+TINY_CLIP = tiny_clip_config(16, 2)
 
 # split -> prompts (prompt_id, prompt, ranks of its images); lower rank is better, equal ranks tie
 SPLITS = {
@@ -141,13 +137,7 @@ class CountingEmbedder(CLIPEmbedder):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "tiny-clip-test.json")
-    torch.manual_seed(0)
-    weights = folder / "tiny_clip.pt"
-    torch.save(open_clip.create_model("tiny-clip-test").state_dict(), weights)
-    return "tiny-clip-test", str(weights)
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), "tiny-clip-test", TINY_CLIP)[:2]
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
-import json
 
 import lightning.pytorch as pl
 import numpy as np
-import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,23 +11,14 @@ from PIL import Image
 from lightning_sdrl.data.imagereward_db import ImageRewardDataModule
 from lightning_sdrl.modules.reward_model import RewardModelModule
 from lightning_sdrl.rewards.reward_model import LearnedPreferenceReward
+from tests.helpers import make_tiny_clip, tiny_clip_config
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
+TINY_CLIP = tiny_clip_config(16, 2)
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "tiny-clip-test.json")
-    torch.manual_seed(0)
-    weights = folder / "tiny_clip.pt"
-    torch.save(open_clip.create_model("tiny-clip-test").state_dict(), weights)
-    return "tiny-clip-test", str(weights)
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), "tiny-clip-test", TINY_CLIP)[:2]
 
 
 def write_brightness_preferences(root, prompts=4, images_per_prompt=4):

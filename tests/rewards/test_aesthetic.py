@@ -1,5 +1,3 @@
-import json
-
 import open_clip
 import pytest
 import torch
@@ -11,27 +9,17 @@ from lightning_sdrl.rewards.aesthetic import (
     CLIPScoreReward,
     load_aesthetic_head,
 )
+from tests.helpers import make_tiny_clip, tiny_clip_config
 
 # a tiny CLIP with ViT-L/14's embedding size, so the published head shapes fit
-TINY_CLIP_768 = {
-    "embed_dim": 768,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_CLIP_768 = tiny_clip_config(768, 1)
 # the published sac+logos+ava1-l14-linearMSE.pth: nn.Sequential indices of the five Linears
 PUBLISHED_SHAPES = {0: (1024, 768), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "tiny-clip-aesthetic.json").write_text(json.dumps(TINY_CLIP_768))
-    open_clip.add_model_config(folder / "tiny-clip-aesthetic.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip-aesthetic").eval()
-    weights = folder / "tiny_clip.pt"
-    torch.save(model.state_dict(), weights)
-    return "tiny-clip-aesthetic", str(weights), model
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), "tiny-clip-aesthetic", TINY_CLIP_768)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import open_clip
@@ -12,12 +11,9 @@ from lightning_sdrl.rewards.classifiers import (
     HFImageClassifier,
     resize_images,
 )
+from tests.helpers import make_tiny_clip, tiny_clip_config
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_CLIP = tiny_clip_config(16, 1)
 
 
 def _tiny_vit(folder, processor):
@@ -120,14 +116,7 @@ def test_resize_images_needs_one_size():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "tiny-clip-zeroshot.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "tiny-clip-zeroshot.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip-zeroshot").eval()
-    weights = folder / "tiny_clip.pt"
-    torch.save(model.state_dict(), weights)
-    return "tiny-clip-zeroshot", str(weights), model
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), "tiny-clip-zeroshot", TINY_CLIP)
 
 
 def test_clip_zero_shot_is_a_softmax_of_scaled_cosines(tiny_clip):

@@ -1,5 +1,4 @@
 import functools
-import json
 
 import open_clip
 import pytest
@@ -15,12 +14,9 @@ from lightning_sdrl.rewards.diversity import (
     DiversityReward,
     InceptionFeatures,
 )
+from tests.helpers import make_tiny_clip, tiny_clip_config
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_CLIP = tiny_clip_config(16, 1)
 
 
 class PooledFeatures(nn.Module):
@@ -104,14 +100,7 @@ def test_duplicates_get_lower_rewards_with_digits_features():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "tiny-clip-features.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "tiny-clip-features.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip-features").eval()
-    weights = folder / "tiny_clip.pt"
-    torch.save(model.state_dict(), weights)
-    return "tiny-clip-features", str(weights), model
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), "tiny-clip-features", TINY_CLIP)
 
 
 def test_clip_image_features_are_unit_norm_clip_embeddings(tiny_clip):

@@ -11,25 +11,15 @@ from lightning_sdrl.rewards.reward_model import (
     PretrainedPreferenceReward,
     RewardHead,
 )
+from tests.helpers import make_tiny_clip, tiny_clip_config
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
+TINY_CLIP = tiny_clip_config(16, 2)
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny open_clip config registered as 'tiny-clip-test' and its weights saved to a file."""
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "tiny-clip-test.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip-test")
-    weights = folder / "tiny_clip.pt"
-    torch.save(model.state_dict(), weights)
-    return "tiny-clip-test", str(weights), model
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), "tiny-clip-test", TINY_CLIP)
 
 
 def test_reward_head_is_the_seed_mlp():
