@@ -13,6 +13,7 @@ from lightning_sdrl.functional.diversity import (
     gp_mi_reward,
     marginal_utility,
     mmd_reward,
+    mmd_subset_rewards,
     polynomial_kernel,
     rbf_kernel,
 )
@@ -20,6 +21,7 @@ from lightning_sdrl.functional.image_rewards import jpeg_compressibility, jpeg_s
 from lightning_sdrl.functional.metrics import attribute_kl, fid_from_features, frechet_distance, precision_recall
 from lightning_sdrl.functional.ppo import PolicyLoss, clip_advantages, ppo_clip_loss, truly_ppo_loss
 from lightning_sdrl.functional.preference import pairwise_loss, preference_accuracy, ranking_to_pairs
+from lightning_sdrl.functional.selection import select_subset
 from lightning_sdrl.functional.stat_tracking import PerPromptStatTracker, batch_advantages
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "marginal_utility",
     "mean_brightness",
     "mmd_reward",
+    "mmd_subset_rewards",
     "pairwise_loss",
     "polynomial_kernel",
     "ppo_clip_loss",
@@ -51,6 +54,7 @@ __all__ = [
     "ranking_to_pairs",
     "rbf_kernel",
     "sample_step",
+    "select_subset",
     "shift_reward",
     "truly_ppo_loss",
 ]

@@ -231,6 +231,44 @@ def _hyperparameters(reward_fn: RewardFn, keywords: dict) -> dict:
     return dict(list(bound.arguments.items())[2:])
 
 
+def mmd_subset_rewards(gen_feats: Tensor, ref_feats: Tensor, subsets: Tensor, **kernel_args: float | None) -> Tensor:
+    """:func:`mmd_reward` of many subsets of one generated set, from one set of kernel matrices.
+
+    Equal to ``torch.stack([mmd_reward(gen_feats[s], ref_feats, **kernel_args) for s in subsets])``
+    but the kernels are computed once: a subset's ``K_gg`` sum is a sum over its sub-matrix and its
+    ``K_gr`` sum one of per-image row sums; the ``K_rr`` term does not depend on the subset.
+
+    Args:
+        gen_feats: ``[O, D]`` features of the generated images.
+        ref_feats: ``[N, D]`` features of the reference images, ``N >= 2``.
+        subsets: ``[C, M]`` int64 indices into ``gen_feats`` (distinct within a row), ``M >= 2``.
+        **kernel_args: ``degree``, ``gamma``, ``coef`` of :func:`mmd_reward`.
+
+    Returns:
+        ``[C]`` rewards in the dtype of ``gen_feats``.
+    """
+    _check_features(gen_feats, ref_feats, min_gen=2, min_ref=2)
+    if subsets.ndim != 2 or subsets.shape[1] < 2:
+        raise ValueError(f"subsets have shape {list(subsets.shape)}; expected [C, M] indices with M >= 2")
+    hyperparameters = _hyperparameters(mmd_reward, kernel_args)
+    gen, ref = gen_feats.double(), ref_feats.double()
+    k_gg = polynomial_kernel(gen, gen, **hyperparameters).fill_diagonal_(0.0)
+    k_rr = polynomial_kernel(ref, ref, **hyperparameters)
+    gr_rows = polynomial_kernel(gen, ref, **hyperparameters).sum(dim=1)
+    subsets = subsets.to(gen.device)
+    sum_gg = k_gg[subsets[:, :, None], subsets[:, None, :]].sum(dim=(1, 2))
+    sum_gr = gr_rows[subsets].sum(dim=1)
+    sum_rr = k_rr.sum() - k_rr.trace()
+    return _mmd_from_sums(sum_gg, sum_rr, sum_gr, subsets.shape[1], ref.shape[0]).to(gen_feats.dtype)
+
+
+def unwrap_set_reward(reward_fn: RewardFn) -> tuple[RewardFn, dict]:
+    """``(function, keyword arguments)`` of a set reward or a keyword-only ``functools.partial`` of it."""
+    if isinstance(reward_fn, functools.partial) and not reward_fn.args:
+        return reward_fn.func, dict(reward_fn.keywords)
+    return reward_fn, {}
+
+
 def _loop_marginal_utility(reward_fn: RewardFn, gen: Tensor, ref: Tensor) -> Tensor:
     full = reward_fn(gen, ref)
     keep = ~torch.eye(gen.shape[0], dtype=torch.bool, device=gen.device)
@@ -270,9 +308,7 @@ def marginal_utility(reward_fn: RewardFn, gen_feats: Tensor, ref_feats: Tensor) 
         >>> marginal_utility(gp_mi_reward, gen, ref)
         tensor([0.1117, 0.1117, 0.1117, 1.6457])
     """
-    func, kwargs = reward_fn, {}
-    if isinstance(reward_fn, functools.partial) and not reward_fn.args:
-        func, kwargs = reward_fn.func, reward_fn.keywords
+    func, kwargs = unwrap_set_reward(reward_fn)
     if func is mmd_reward:
         _check_features(gen_feats, ref_feats, min_gen=3, min_ref=2)
         utility = _mmd_marginal_utility(gen_feats, ref_feats, **_hyperparameters(func, kwargs))

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_sdrl.functional.diversity import marginal_utility
+from lightning_sdrl.functional.diversity import marginal_utility, mmd_reward, mmd_subset_rewards, unwrap_set_reward
 
 __all__ = ["select_subset"]
 
@@ -25,7 +25,11 @@ RewardFn = Callable[[Tensor, Tensor], Tensor]
 
 def _exhaustive(features: Tensor, ref_feats: Tensor, size: int, reward_fn: RewardFn, sign: float) -> Tensor:
     subsets = torch.tensor(list(itertools.combinations(range(features.shape[0]), size)))
-    rewards = torch.stack([reward_fn(features[subset], ref_feats) for subset in subsets])
+    func, kwargs = unwrap_set_reward(reward_fn)
+    if func is mmd_reward and size >= 2:  # one set of kernel matrices for all C(O, M) subsets
+        rewards = mmd_subset_rewards(features, ref_feats, subsets, **kwargs).cpu()
+    else:
+        rewards = torch.stack([reward_fn(features[subset], ref_feats) for subset in subsets])
     return subsets[torch.argmax(sign * rewards.double())]
 
 

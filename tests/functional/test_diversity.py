@@ -191,3 +191,16 @@ def test_marginal_utility_uses_the_closed_form_for_known_rewards(reward_fn, monk
     assert marginal_utility(reward_fn, features(6), features(4, seed=1)).shape == (6,)
     with pytest.raises(AssertionError, match="generic"):
         marginal_utility(lambda g, r: mmd_reward(g, r), features(6), features(4, seed=1))
+
+
+def test_mmd_subset_rewards_equal_one_mmd_reward_per_subset():
+    import itertools
+
+    from lightning_sdrl.functional.diversity import mmd_subset_rewards
+
+    gen, ref = torch.randn(7, 5), torch.randn(9, 5)
+    subsets = torch.tensor(list(itertools.combinations(range(7), 3)))
+    expected = torch.stack([mmd_reward(gen[s], ref, degree=2, coef=0.5) for s in subsets])
+    torch.testing.assert_close(mmd_subset_rewards(gen, ref, subsets, degree=2, coef=0.5), expected)
+    with pytest.raises(ValueError, match="expected \\[C, M\\] indices with M >= 2"):
+        mmd_subset_rewards(gen, ref, subsets[:, :1])
