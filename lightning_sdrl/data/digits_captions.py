@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_sdrl.data.digits import digits_split
 from lightning_sdrl.data.sampling import PromptBatch, derive_seed
+from lightning_sdrl.validation import check_positive_ints
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 """English names of the digits 0..9."""
@@ -221,10 +222,9 @@ class DigitsCaptionDataModule(pl.LightningDataModule):
         val_batch_size: int = 40,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("val_samples_per_prompt", val_samples_per_prompt),
-                            ("val_batch_size", val_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name}={value}; expected a positive integer")
+        check_positive_ints(
+            batch_size=batch_size, val_samples_per_prompt=val_samples_per_prompt, val_batch_size=val_batch_size
+        )
         if not 0.0 <= group_caption_fraction < 1.0:
             raise ValueError(f"group_caption_fraction={group_caption_fraction}; expected 0 <= f < 1")
         self.batch_size, self.seed, self.group_caption_fraction = batch_size, seed, group_caption_fraction

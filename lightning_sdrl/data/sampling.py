@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_sdrl.data.prompts import load_prompts
+from lightning_sdrl.validation import check_positive_ints
 
 
 @dataclass
@@ -134,14 +135,12 @@ class SamplingDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.prompts = load_prompts(prompts, prompt_file, template, fill_ins)
-        for name, value in (
-            ("batch_size", batch_size),
-            ("num_batches_per_epoch", num_batches_per_epoch),
-            ("val_samples_per_prompt", val_samples_per_prompt),
-            ("val_batch_size", val_batch_size),
-        ):
-            if value < 1:
-                raise ValueError(f"{name}={value}; expected a positive integer")
+        check_positive_ints(
+            batch_size=batch_size,
+            num_batches_per_epoch=num_batches_per_epoch,
+            val_samples_per_prompt=val_samples_per_prompt,
+            val_batch_size=val_batch_size,
+        )
         self.batch_size, self.num_batches_per_epoch = batch_size, num_batches_per_epoch
         self.val_samples_per_prompt, self.val_batch_size = val_samples_per_prompt, val_batch_size
         self.seed = seed

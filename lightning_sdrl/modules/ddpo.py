@@ -33,6 +33,7 @@ from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.rewards.base import check_reward_output
+from lightning_sdrl.validation import check_positive_ints
 
 
 @dataclass
@@ -133,13 +134,11 @@ class DDPOModule(GenerationModule):
         super().__init__()
         if not 0.0 < timestep_fraction <= 1.0:
             raise ValueError(f"timestep_fraction={timestep_fraction}; expected 0 < fraction <= 1")
-        for name, value in (
-            ("train_batch_size", train_batch_size),
-            ("num_inner_epochs", num_inner_epochs),
-            ("gradient_accumulation_steps", gradient_accumulation_steps),
-        ):
-            if value < 1:
-                raise ValueError(f"{name}={value}; expected a positive integer")
+        check_positive_ints(
+            train_batch_size=train_batch_size,
+            num_inner_epochs=num_inner_epochs,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+        )
         if trust_region not in ("clip", "truly"):
             raise ValueError(f"trust_region={trust_region!r}; expected 'clip' or 'truly'")
         self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "lr_scheduler", "evaluation"])
