@@ -10,9 +10,10 @@ The chain of ../shared/seeds/reward_model_refl.txt in miniature:
 3. before / after (LoRA off / on, same prompts and noise): the hidden rule's score, the learned
    reward, and whether the digit classifier still recognises the prompt's digit.
 
-    python benchmarks/digits_refl.py [--out docs] [--work runs/digits_refl_benchmark]
+    python benchmarks/digits_refl.py [--out docs] [--work runs/digits_refl_benchmark] [--kl-weights 0.01 0.1 1.0]
 
-Prints the table and writes ``digits_refl.json`` and before/after grids into ``--out``.
+Prints the table and writes ``digits_refl.json`` and before/after grids into ``--out``;
+``--kl-weights`` also runs ReFL with other KL weights (beta of eq. 5) and prints the trade-off.
 """
 
 from __future__ import annotations
@@ -71,17 +72,20 @@ def evaluate(module, seed: int = 123) -> dict:
     }
 
 
-def refl(work: Path, head: str) -> dict:
+def refl(work: Path, head: str, kl_weight: float | None = None) -> dict:
+    """ReFL with ``configs/digits/refl.yaml`` (``kl_weight`` overrides its beta); before/after."""
     start = time.perf_counter()
+    extra = [] if kl_weight is None else [f"--model.init_args.kl_weight={kl_weight}"]
+    name = "refl" if kl_weight is None else f"refl_kl{kl_weight:g}"
     run = cli(["fit", "-c", str(ROOT / "configs/digits/refl.yaml"),
                f"--model.init_args.reward.init_args.directory={head}",
-               f"--trainer.default_root_dir={work / 'refl'}", "--trainer.enable_progress_bar=false"])
+               f"--trainer.default_root_dir={work / name}", "--trainer.enable_progress_bar=false", *extra])
     seconds = time.perf_counter() - start
     module = run.model
     after = evaluate(module)
     with torch.no_grad(), module.policy.reference():
         before = evaluate(module)
-    return {"before": before, "after": after, "seconds": seconds}
+    return {"kl_weight": module.hparams.kl_weight, "before": before, "after": after, "seconds": seconds}
 
 
 def table(reward_model: dict, result: dict) -> str:
@@ -107,10 +111,29 @@ def table(reward_model: dict, result: dict) -> str:
     return "\n".join(rows)
 
 
+def sweep_table(results: list[dict]) -> str:
+    """One row per ReFL run: the KL weight's trade-off between rule score and recognisability."""
+    rows = [
+        "| kl_weight (beta) | stroke thickness before -> after | learned reward after | recognised after "
+        "| ... confidence >= 0.7 | ReFL wall time |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for result in sorted(results, key=lambda r: r["kl_weight"]):
+        before, after = result["before"], result["after"]
+        rows.append(
+            f"| {result['kl_weight']:g} | {before['rule_score']:.3f} -> {after['rule_score']:.3f} | "
+            f"{after['learned_reward']:+.2f} | {100 * after['classifier_agreement']:.1f}% | "
+            f"{100 * after['confident_agreement']:.1f}% | {result['seconds']:.0f} s |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "digits_refl_benchmark")
+    parser.add_argument("--kl-weights", type=float, nargs="*", default=[],
+                        help="also run ReFL with these kl_weight values and print the trade-off table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)
@@ -120,9 +143,16 @@ def main() -> None:
 
     for name in ("before", "after"):
         save_image(result[name].pop("images"), args.out / "figures" / f"digits_refl_samples_{name}.png", nrow=10)
+    sweep = [refl(args.work, reward_model["head"], kl_weight) for kl_weight in args.kl_weights]
+    for run in sweep:
+        for name in ("before", "after"):
+            run[name].pop("images")
     text = table(reward_model, result)
+    if sweep:
+        text += "\n\n" + sweep_table([result, *sweep])
     print(text)
-    (args.out / "digits_refl.json").write_text(json.dumps({"reward_model": reward_model, "refl": result}, indent=2))
+    summary = {"reward_model": reward_model, "refl": result, "kl_sweep": sweep}
+    (args.out / "digits_refl.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

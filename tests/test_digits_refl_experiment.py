@@ -44,7 +44,8 @@ def test_refl_with_the_learned_reward_raises_the_rule_score(reward_run, tmp_path
                 f"--model.init_args.reward.init_args.directory={work / 'head'}",
                 f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3",
                 "--data.init_args.num_batches_per_epoch=6", "--data.init_args.batch_size=8",
-                "--model.init_args.optimizer.init_args.lr=0.005",
+                # a short run: a higher lr and the seed's beta (0.01) so that 3 small epochs move it
+                "--model.init_args.optimizer.init_args.lr=0.005", "--model.init_args.kl_weight=0.01",
                 "--trainer.enable_progress_bar=false"])
     module = run.model
     prompts = [f"a handwritten {w}" for w in ("zero", "one", "four", "seven")] * 4
