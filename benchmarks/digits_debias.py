@@ -6,8 +6,10 @@ one table:
 
 - R_shift: the under-represented class's share at the start and at the end, and the first epoch
   at which it reaches 90% (target: from < 5% to >= 90% within 15 epochs);
-- R_balance: the share of the minority attribute at the start, and its mean / min / max over the
-  last 10 epochs (target: 50 +- 7%);
+- R_balance: q of eq. (2), the minority attribute's share among classified images, at the start
+  and its mean / min / max over the last 10 epochs (target: 50 +- 7%), measured after every epoch
+  on 256 samples drawn from the same noise each time (``AttributeTracker(eval_samples=256)``), so
+  that the numbers follow the policy rather than the sampling noise of a 64-image batch;
 - sample quality: mean classifier confidence on the prompt's classes before and after (target:
   within 10%), and FID in the digit feature network's space against real digits of those classes.
 
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from lightning_sdrl.cli import main as cli
 from lightning_sdrl.data.reference import DigitsReference
@@ -34,10 +37,27 @@ from lightning_sdrl.rewards.classifiers import DigitsClassifier
 from lightning_sdrl.rewards.diversity import DigitsFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = {
-    "shift": ("configs/digits/ddpo_shift.yaml", [0, 6], "6"),
-    "balance": ("configs/digits/ddpo_balance.yaml", [0, 6, 8, 9], "6+8+9"),
+EXPERIMENTS = {  # config, the prompt's classes, the minority column, fixed-noise samples per epoch
+    "shift": ("configs/digits/ddpo_shift.yaml", [0, 6], "6", 0),
+    "balance": ("configs/digits/ddpo_balance.yaml", [0, 6, 8, 9], "6+8+9", 256),
 }
+
+
+def minority_ratio(shares: dict[str, float], column: str) -> float:
+    """q of eq. (2): the minority column's share among the classified (not "None") images."""
+    classified = sum(value for key, value in shares.items() if key != "None")
+    return shares[column] / classified if classified else 0.0
+
+
+def with_eval_samples(config: str, eval_samples: int, directory: Path) -> Path:
+    """A copy of ``config`` whose AttributeTracker also samples ``eval_samples`` fixed-noise images per epoch."""
+    settings = yaml.safe_load((ROOT / config).read_text())
+    for callback in settings["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("AttributeTracker"):
+            callback.setdefault("init_args", {})["eval_samples"] = eval_samples
+    path = directory / Path(config).name
+    path.write_text(yaml.safe_dump(settings))
+    return path
 
 
 def quality(module, prompt: str, classes: list[int], num: int = 256, seed: int = 99) -> dict[str, float]:
@@ -58,36 +78,43 @@ def quality(module, prompt: str, classes: list[int], num: int = 256, seed: int =
 
 
 def run(name: str, out: Path) -> dict:
-    config, classes, column = EXPERIMENTS[name]
+    config, classes, column, eval_samples = EXPERIMENTS[name]
     run_dir = out / f"runs_{name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = with_eval_samples(config, eval_samples, run_dir) if eval_samples else ROOT / config
     start = time.perf_counter()
-    result = cli(["fit", "-c", str(ROOT / config), f"--trainer.default_root_dir={run_dir}",
+    result = cli(["fit", "-c", str(path), f"--trainer.default_root_dir={run_dir}",
                   "--trainer.enable_progress_bar=false"])
     seconds = time.perf_counter() - start
     module, prompt = result.model, result.datamodule.prompts[0]
     summary = json.loads((run_dir / "attributes.json").read_text())
     shares = [record["shares"][column] for record in summary["history"]]
+    ratios = [minority_ratio(record["shares"], column) for record in summary["history"]]
+    eval_ratios = [minority_ratio(record["eval_shares"], column) for record in summary["history"]
+                   if "eval_shares" in record]
     after = quality(module, prompt, classes)
     with torch.no_grad(), module.policy.reference():
         before = quality(module, prompt, classes)
     for figure in ("attributes.png", "samples_before.png", "samples_after.png"):
         shutil.copy(run_dir / figure, out / "figures" / f"digits_{name}_{figure}")
-    return {"config": config, "prompt": prompt, "column": column, "shares": shares, "seconds": seconds,
+    return {"config": config, "prompt": prompt, "column": column, "shares": shares, "ratios": ratios,
+            "eval_ratios": eval_ratios, "eval_samples": eval_samples, "seconds": seconds,
             "before": before, "after": after, "grid_before": summary["before"], "grid_after": summary["after"]}
 
 
 def table(results: dict) -> str:
     shift, balance = results["shift"], results["balance"]
     first90 = next((i for i, s in enumerate(shift["shares"]) if s >= 0.9), None)
-    last = balance["shares"][-10:]
+    q = balance["eval_ratios"] or balance["ratios"]
+    last = q[-10:]
     rows = [
         "| experiment | start | end | criterion | result |",
         "| --- | --- | --- | --- | --- |",
         f"| R_shift, '{shift['prompt']}', share of {shift['column']} | {100 * shift['shares'][0]:.1f}% | "
         f"{100 * shift['shares'][-1]:.1f}% | < 5% -> >= 90% within 15 epochs | "
         f"first >= 90% at epoch {first90} |",
-        f"| R_balance, '{balance['prompt']}', share of {balance['column']} | {100 * balance['shares'][0]:.1f}% | "
-        f"{100 * balance['shares'][-1]:.1f}% | 50 +- 7% over the last 10 epochs | "
+        f"| R_balance, '{balance['prompt']}', q = {balance['column']} among classified | {100 * q[0]:.1f}% | "
+        f"{100 * q[-1]:.1f}% | 50 +- 7% over the last 10 epochs | "
         f"mean {100 * sum(last) / len(last):.1f}%, min {100 * min(last):.1f}%, max {100 * max(last):.1f}% |",
     ]
     rows += ["", "| experiment | confidence before | confidence after | feature FID before | feature FID after | "

@@ -4,8 +4,9 @@ For each of the ten prompts "a handwritten <digit>", ``--groups-per-prompt`` gro
 are sampled from the shipped digits model; in each group the subset of M images with the
 maximum / minimum MMD reward (eq. 11; ``--reward`` for variants) against ~50 training digits of the
 prompt's class is kept, or M random ones (``--random-draws`` times). The union of kept images of each mode is compared
-with the held-out real digits (the ``"test"`` split, all classes) by FID and precision/recall
-(k = 3) in the digit feature network's space, the network the reward uses too.
+with real digits (default: every digit not in any X_r, 1297 images; ``--evaluation-split``) by
+FID and precision/recall (k = 3) in the digit feature network's space, the network the reward
+uses too.
 
     python benchmarks/digits_selection.py [--out docs/digits_selection.json]
 
@@ -47,13 +48,31 @@ def gp_mi_normalised(gen_feats: Tensor, ref_feats: Tensor) -> Tensor:
 REWARDS = {"mmd": mmd_reward, "mmd-normalised": mmd_normalised, "gp_mi-normalised": gp_mi_normalised}
 
 
+def evaluation_images(split: str, reference_indices: Tensor) -> Tensor:
+    """The real digits the kept images are compared with.
+
+    ``test``: the held-out split; ``train``: the training split (as the paper's ImageNet reference
+    statistics), which contains the reference sets X_r; ``unused``: every digit X_r did not use
+    (the training digits outside X_r and the test split), so that no evaluation image is a
+    reference image.
+    """
+    if split == "test":
+        return DigitsReference(split="test").images
+    train = DigitsReference(split="train")
+    if split == "train":
+        return train.images
+    keep = ~torch.isin(train.indices, reference_indices)
+    return torch.cat([train.images[keep], DigitsReference(split="test").images])
+
+
 def run(args: argparse.Namespace) -> tuple[PostSamplingSelection, float]:
     """Post-sampling selection with the shipped digits model; returns the result and its wall time."""
-    references = [
-        DigitsReference(split="train", classes=[digit], per_class=args.reference_size, seed=args.seed).images
+    reference_sets = [
+        DigitsReference(split="train", classes=[digit], per_class=args.reference_size, seed=args.seed)
         for digit in range(10)
     ]
-    evaluation = DigitsReference(split="test").images
+    references = [reference.images for reference in reference_sets]
+    evaluation = evaluation_images(args.evaluation_split, torch.cat([r.indices for r in reference_sets]))
     start = time.perf_counter()
     result = post_sampling_selection(
         DigitsPolicy(lora=None),
@@ -95,6 +114,11 @@ def main() -> None:
     parser.add_argument("--reference-size", type=int, default=50, help="training digits per class in X_r")
     parser.add_argument("--reward", choices=sorted(REWARDS), default="mmd", help="set reward of the selection")
     parser.add_argument("--random-draws", type=int, default=5, help="repetitions of the random selection")
+    parser.add_argument(
+        "--evaluation-split", choices=("test", "train", "unused"), default="unused",
+        help="real digits the kept images are evaluated against: the test split, the training split "
+        "(as the paper; contains X_r) or every digit outside X_r",
+    )
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--num-steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise, the draws and X_r")

@@ -25,7 +25,9 @@ def minority_ratio(record: dict, column: str) -> float:
 
 
 def test_balance_reward_moves_the_biased_prompt_towards_balance(tmp_path):
-    history = run("ddpo_balance.yaml", tmp_path, 4)
+    # 10x the shipped learning rate: in 4 epochs the shipped one only starts to move (its 35 epochs
+    # approach balance slowly and hold it; benchmarks/digits_debias.py runs them)
+    history = run("ddpo_balance.yaml", tmp_path, 4, "--model.init_args.optimizer.init_args.lr=0.03")
     ratios = [minority_ratio(r, "6+8+9") for r in history]
     assert ratios[0] < 0.3  # the shipped model's bias: "a digit with a loop" is mostly zeros
     assert max(ratios[1:]) > ratios[0] + 0.15, ratios

@@ -209,10 +209,17 @@ class DigitsReference(ReferenceSet):
         seed: Seed of the ``per_class`` draw.
         cache_path: Folder for on-disk feature caches (see :class:`ReferenceSet`).
 
+    Attributes:
+        indices: Positions of the chosen images in the split (:func:`digits_split`), e.g. to
+            evaluate on the digits a reference set did not use.
+
     Example:
         >>> reference = DigitsReference(classes=[0, 6], per_class=5)
         >>> reference.images.shape, sorted(reference.labels.tolist())
         (torch.Size([10, 3, 16, 16]), [0, 0, 0, 0, 0, 6, 6, 6, 6, 6])
+        >>> images, labels = digits_split("test")
+        >>> bool((labels[reference.indices] == reference.labels).all())
+        True
     """
 
     def __init__(
@@ -241,7 +248,7 @@ class DigitsReference(ReferenceSet):
         images = images[indices].expand(-1, 3, -1, -1).contiguous()
         if image_size is not None:
             images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
-        self.labels = labels[indices]
+        self.labels, self.indices = labels[indices], indices
         self.paths = []
         identity = f"digits:{split}:{classes}:{per_class}:{seed}:size={image_size}"
         self._init_set(images, identity, cache_path)
