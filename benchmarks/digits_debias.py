@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from lightning_sdrl.callbacks import classified_ratio
 from lightning_sdrl.cli import main as cli
 from lightning_sdrl.data.reference import DigitsReference
 from lightning_sdrl.data.sampling import PromptBatch
@@ -41,12 +42,6 @@ EXPERIMENTS = {  # config, the prompt's classes, the minority column, fixed-nois
     "shift": ("configs/digits/ddpo_shift.yaml", [0, 6], "6", 0),
     "balance": ("configs/digits/ddpo_balance.yaml", [0, 6, 8, 9], "6+8+9", 256),
 }
-
-
-def minority_ratio(shares: dict[str, float], column: str) -> float:
-    """q of eq. (2): the minority column's share among the classified (not "None") images."""
-    classified = sum(value for key, value in shares.items() if key != "None")
-    return shares[column] / classified if classified else 0.0
 
 
 def with_eval_samples(config: str, eval_samples: int, directory: Path) -> Path:
@@ -89,8 +84,8 @@ def run(name: str, out: Path) -> dict:
     module, prompt = result.model, result.datamodule.prompts[0]
     summary = json.loads((run_dir / "attributes.json").read_text())
     shares = [record["shares"][column] for record in summary["history"]]
-    ratios = [minority_ratio(record["shares"], column) for record in summary["history"]]
-    eval_ratios = [minority_ratio(record["eval_shares"], column) for record in summary["history"]
+    ratios = [classified_ratio(record["shares"], column) for record in summary["history"]]
+    eval_ratios = [classified_ratio(record["eval_shares"], column) for record in summary["history"]
                    if "eval_shares" in record]
     after = quality(module, prompt, classes)
     with torch.no_grad(), module.policy.reference():

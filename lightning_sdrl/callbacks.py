@@ -157,6 +157,25 @@ class AttributeTracker(pl.Callback):
         self.history = list(state_dict.get("history", []))
 
 
+def classified_ratio(shares: dict[str, float], column: str) -> float:
+    """``q`` of eq. (2): ``column``'s share among the classified (not ``"None"``) images.
+
+    Args:
+        shares: one record's shares by column name, as :class:`AttributeTracker` writes them
+            (``shares`` / ``eval_shares`` in ``attributes.json``).
+        column: the attribute column whose ratio is wanted.
+
+    Returns:
+        The ratio in ``[0, 1]``; ``0.0`` if no image was classified.
+
+    Example:
+        >>> classified_ratio({"0": 0.45, "6+8+9": 0.45, "None": 0.1}, "6+8+9")
+        0.5
+    """
+    classified = sum(value for key, value in shares.items() if key != "None")
+    return shares[column] / classified if classified else 0.0
+
+
 def _format(shares: dict[str, float]) -> str:
     return " | ".join(f"{name} {100 * share:5.1f}%" for name, share in shares.items())
 

@@ -1,8 +1,9 @@
 import json
 
 import lightning.pytorch as pl
+import pytest
 
-from lightning_sdrl.callbacks import AttributeTracker
+from lightning_sdrl.callbacks import AttributeTracker, classified_ratio
 from lightning_sdrl.data.sampling import SamplingDataModule
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
@@ -56,3 +57,10 @@ def test_attribute_tracker_eval_samples_use_the_same_noise_every_epoch(tmp_path)
     with torch.no_grad():
         expected = attribute_shares(reward.attribute_probs(images), 0.3).tolist()
     assert list(last.values()) == pytest.approx(expected)
+
+
+def test_classified_ratio_is_the_share_among_classified_images():
+    shares = {"0": 0.3, "6+8+9": 0.6, "None": 0.1}
+    assert classified_ratio(shares, "6+8+9") == pytest.approx(0.6 / 0.9)
+    assert classified_ratio(shares, "0") == pytest.approx(0.3 / 0.9)
+    assert classified_ratio({"0": 0.0, "6+8+9": 0.0, "None": 1.0}, "6+8+9") == 0.0

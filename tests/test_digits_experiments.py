@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from lightning_sdrl.callbacks import classified_ratio
 from lightning_sdrl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,18 +18,11 @@ def run(config: str, tmp_path: Path, epochs: int, *extra: str) -> list[dict]:
     return summary["history"]
 
 
-def minority_ratio(record: dict, column: str) -> float:
-    """q of eq. (2): the minority column's share among classified images."""
-    shares = record["shares"]
-    classified = sum(v for k, v in shares.items() if k != "None")
-    return shares[column] / classified if classified else 0.0
-
-
 def test_balance_reward_moves_the_biased_prompt_towards_balance(tmp_path):
     # 10x the shipped learning rate: in 4 epochs the shipped one only starts to move (its 35 epochs
     # approach balance slowly and hold it; benchmarks/digits_debias.py runs them)
     history = run("ddpo_balance.yaml", tmp_path, 4, "--model.init_args.optimizer.init_args.lr=0.03")
-    ratios = [minority_ratio(r, "6+8+9") for r in history]
+    ratios = [classified_ratio(r["shares"], "6+8+9") for r in history]
     assert ratios[0] < 0.3  # the shipped model's bias: "a digit with a loop" is mostly zeros
     assert max(ratios[1:]) > ratios[0] + 0.15, ratios
 
