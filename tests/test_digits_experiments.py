@@ -19,9 +19,15 @@ def run(config: str, tmp_path: Path, epochs: int, *extra: str) -> list[dict]:
 
 
 def test_balance_reward_moves_the_biased_prompt_towards_balance(tmp_path):
-    # 10x the shipped learning rate: in 4 epochs the shipped one only starts to move (its 35 epochs
-    # approach balance slowly and hold it; benchmarks/digits_debias.py runs them)
-    history = run("ddpo_balance.yaml", tmp_path, 4, "--model.init_args.optimizer.init_args.lr=0.03")
+    # The shipped run (SGD, 128 samples per epoch, 30 epochs; benchmarks/digits_debias.py) only
+    # starts to move in 4 epochs; Adam at a large rate on 64 samples moves it in 4 cheap ones.
+    history = run(
+        "ddpo_balance.yaml", tmp_path, 4,
+        "--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.optimizer.lr=0.03",
+        "--model.init_args.lr_scheduler=null", "--model.init_args.max_grad_norm=1.0",
+        "--data.init_args.batch_size=64", "--model.init_args.train_batch_size=32",
+        "--model.init_args.timestep_fraction=1.0",
+    )
     ratios = [classified_ratio(r["shares"], "6+8+9") for r in history]
     assert ratios[0] < 0.3  # the shipped model's bias: "a digit with a loop" is mostly zeros
     assert max(ratios[1:]) > ratios[0] + 0.15, ratios
