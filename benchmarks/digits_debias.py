@@ -28,6 +28,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -60,15 +61,19 @@ def with_eval_samples(config: str, eval_samples: int, directory: Path) -> Path:
     return path
 
 
+def sample_chunks(module, prompt: str, num: int, seed: int, chunk: int) -> Iterator[torch.Tensor]:
+    """``num`` images of ``prompt`` from ``module``, ``chunk`` at a time; chunk ``i`` uses noise seed ``seed + i``."""
+    for index, start in enumerate(range(0, num, chunk)):
+        size = min(chunk, num - start)
+        yield module.sample(PromptBatch([prompt] * size, torch.zeros(size, dtype=torch.long), seed=seed + index)).images
+
+
 def quality(module, prompt: str, classes: list[int], num: int = 256, seed: int = 99) -> dict[str, float]:
     """Mean classifier confidence on ``classes`` and feature FID against real digits of them."""
     classifier = DigitsClassifier()
     evaluation = GenerationMetrics(DigitsFeatures(), DigitsReference(split="test", classes=classes))
     confidences = []
-    for index, start in enumerate(range(0, num, 64)):
-        size = min(64, num - start)
-        batch = PromptBatch([prompt] * size, torch.zeros(size, dtype=torch.long), seed=seed + index)
-        images = module.sample(batch).images
+    for images in sample_chunks(module, prompt, num, seed, 64):
         with torch.no_grad():
             probs = classifier(images)
         confidences.append(probs[:, classes].max(dim=1).values)
@@ -83,11 +88,7 @@ def fresh_ratio(tracker: AttributeTracker, module, prompt: str, column: str, num
     One fixed noise set of a few hundred images reads the share with an offset of its own (a few
     points) in every epoch; this estimate of the final policy's q shows how large that offset is.
     """
-    probs = []
-    for index, start in enumerate(range(0, num, 256)):
-        size = min(256, num - start)
-        batch = PromptBatch([prompt] * size, torch.zeros(size, dtype=torch.long), seed=seed + index)
-        probs.append(tracker.attribute_probs(module, module.sample(batch).images))
+    probs = [tracker.attribute_probs(module, images) for images in sample_chunks(module, prompt, num, seed, 256)]
     shares = attribute_shares(torch.cat(probs), tracker.threshold)
     names = tracker.column_names(module, len(shares) - 1)
     return classified_ratio(dict(zip(names, shares.tolist(), strict=True)), column)

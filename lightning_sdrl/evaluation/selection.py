@@ -24,6 +24,7 @@ from lightning_sdrl.functional.selection import select_subset
 from lightning_sdrl.metrics.fid import FID
 from lightning_sdrl.metrics.precision_recall import PrecisionRecall
 from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.validation import check_positive_ints
 
 __all__ = ["SELECTION_MODES", "PostSamplingSelection", "SelectionModeResult", "post_sampling_selection"]
 
@@ -135,14 +136,9 @@ def _check_arguments(
     """Validate the arguments of :func:`post_sampling_selection`; returns one reference per prompt."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts={prompts!r}; expected a non-empty list of prompts (one condition each)")
-    for name, value in (
-        ("num_sampled", num_sampled),
-        ("subset_size", subset_size),
-        ("groups_per_prompt", groups_per_prompt),
-        ("random_draws", random_draws),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}; expected a positive int")
+    check_positive_ints(
+        num_sampled=num_sampled, subset_size=subset_size, groups_per_prompt=groups_per_prompt, random_draws=random_draws
+    )
     if subset_size > num_sampled:
         raise ValueError(
             f"subset_size={subset_size} > num_sampled={num_sampled}; the kept subset (M) must be drawn from "
