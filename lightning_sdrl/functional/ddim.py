@@ -34,13 +34,16 @@ class DDIMStepDistribution(NamedTuple):
     pred_original_sample: Tensor
 
 
-def _step_alphas(scheduler: DDIMScheduler, timestep: int | Tensor, sample: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``alpha_t``, ``alpha_{t-1}`` and the ``alpha_{t-1}`` of the variance (floored, see below).
+def _step_alphas(
+    scheduler: DDIMScheduler, timestep: int | Tensor, sample: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``alpha_t`` and ``alpha_{t-1}`` of the mean, then the ``alpha_t`` and ``alpha_{t-1}`` of the variance.
 
-    For a scalar timestep these are 0-dim CPU tensors (which broadcast into device kernels as
-    scalars: no tiny device ops, no synchronisation; pass the timestep on the CPU), otherwise
-    ``[B, 1, ..., 1]`` tensors on the sample's device. Both round exactly alike, so a step scored
-    in a mixed batch gets the log-prob it was sampled with.
+    The variance's pair differs from the mean's only where formula (16) would be zero (see
+    :func:`ddim_step_distribution`). For a scalar timestep these are 0-dim CPU tensors (which
+    broadcast into device kernels as scalars: no tiny device ops, no synchronisation; pass the
+    timestep on the CPU), otherwise ``[B, 1, ..., 1]`` tensors on the sample's device. Both round
+    exactly alike, so a step scored in a mixed batch gets the log-prob it was sampled with.
     """
     offset = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     dtype = torch.promote_types(sample.dtype, torch.float32)
@@ -59,7 +62,9 @@ def _step_alphas(scheduler: DDIMScheduler, timestep: int | Tensor, sample: Tenso
     alpha_t = alphas[t].reshape(shape)
     alpha_prev = torch.where(is_last, final, alphas[(t - offset).clamp(min=0)].reshape(shape))
     alpha_prev_for_var = torch.where(is_last & (alpha_prev >= 1), alphas[0], alpha_prev)
-    return alpha_t, alpha_prev, alpha_prev_for_var
+    # t = 0 has alpha_t = alphas_cumprod[0] = alpha_prev_for_var: no noise level left to step down to
+    alpha_t_for_var = torch.where((t == 0).reshape(shape), alphas[1], alpha_t)
+    return alpha_t, alpha_prev, alpha_t_for_var, alpha_prev_for_var
 
 
 def ddim_step_distribution(
@@ -74,13 +79,28 @@ def ddim_step_distribution(
     The mean is what :meth:`diffusers.DDIMScheduler.step` returns before it adds noise, and the
     standard deviation is ``eta * sigma_t`` with ``sigma_t`` from formula (16) of the DDIM paper.
 
-    At the last step (``t - Δt < 0``) of a scheduler built with ``set_alpha_to_one=True``,
-    ``alpha_{t-1} = 1`` makes formula (16) exactly zero: the step is then a deterministic map with no
-    density, and DDPO could not score it. There we take ``sigma_t`` from formula (16) with
-    ``alpha_{t-1} = alphas_cumprod[0]`` (the value ``set_alpha_to_one=False`` uses), the smallest
-    noise level the training schedule defines, and keep the mean aimed at ``alpha_{t-1} = 1``
-    (the direction term ``sqrt(1 - alpha_{t-1} - sigma_t^2)`` is clamped at zero). With
-    ``set_alpha_to_one=False`` every step, the last included, is exactly the stock DDIM step.
+    Where formula (16) is exactly zero the step would be a deterministic map with no density, and
+    DDPO could not score it. This happens only at the last step (``t - Δt < 0``), in two cases:
+
+    * ``set_alpha_to_one=True``: ``alpha_{t-1} = 1`` zeroes formula (16). There we take ``sigma_t``
+      from formula (16) with ``alpha_{t-1} = alphas_cumprod[0]`` (the value
+      ``set_alpha_to_one=False`` uses), the smallest noise level the training schedule defines.
+    * ``t = 0`` (the last timestep of ``steps_offset=0`` or ``timestep_spacing="linspace"``), for
+      either ``set_alpha_to_one``: ``alpha_t = alphas_cumprod[0]`` is already that smallest noise
+      level, so the floor above leaves nothing to step down to. There we take ``sigma_t`` from
+      formula (16) for the step ``alphas_cumprod[1] -> alphas_cumprod[0]``, i.e. DDPM's posterior
+      variance ``(1 - alphas_cumprod[0]) / (1 - alphas_cumprod[1]) * betas[1]`` (Ho et al. 2020,
+      eq. 7, whose indices start at 1): the variance of the lowest-noise step the training
+      schedule defines, and exactly the ``sigma_t`` of the last step ``t = 1`` of the
+      ``steps_offset=1`` schedule, so both offsets end with the same noise. It is below
+      ``1 - alphas_cumprod[0]``, so with ``set_alpha_to_one=False`` the step keeps the marginal
+      noise level ``alphas_cumprod[0]`` and only swaps part of the noise for fresh noise.
+
+    In both cases the mean stays aimed at the scheduler's ``alpha_{t-1}`` (``final_alpha_cumprod``)
+    through formula (12), with the direction term ``sqrt(1 - alpha_{t-1} - sigma_t^2)`` clamped at
+    zero. Every other step is exactly the stock DDIM step; with ``set_alpha_to_one=False`` and
+    timesteps that stop before 0 (``"leading"`` with ``steps_offset=1``, or ``"trailing"``), that
+    is every step.
 
     Args:
         scheduler: a diffusers ``DDIMScheduler`` on which ``set_timesteps`` was called.
@@ -99,6 +119,11 @@ def ddim_step_distribution(
         raise ValueError("scheduler.num_inference_steps is None; call scheduler.set_timesteps(n) first")
     if not 0.0 < eta <= 1.0:
         raise ValueError(f"eta={eta}; expected 0 < eta <= 1 (eta = 0 is deterministic: no density)")
+    if scheduler.config.num_train_timesteps < 2:
+        raise ValueError(
+            f"scheduler.config.num_train_timesteps={scheduler.config.num_train_timesteps}; expected at least 2 "
+            "(the variance at t = 0 needs alphas_cumprod[1])"
+        )
     if scheduler.config.thresholding:
         raise ValueError(
             "scheduler.config.thresholding=True is not supported by ddim_step_distribution; "
@@ -106,9 +131,9 @@ def ddim_step_distribution(
         )
     dtype = torch.promote_types(sample.dtype, torch.float32)
     sample, model_output = sample.to(dtype), model_output.to(dtype)
-    # 1.-2. alpha_t, alpha_{t-1} = alpha of t - Δt, and the alpha_{t-1} of the variance ("alpha"
-    # is the cumulative product, as in the DDIM paper)
-    alpha_t, alpha_prev, alpha_prev_for_var = _step_alphas(scheduler, timestep, sample)
+    # 1.-2. alpha_t, alpha_{t-1} = alpha of t - Δt, and the pair the variance uses ("alpha" is the
+    # cumulative product, as in the DDIM paper)
+    alpha_t, alpha_prev, alpha_t_for_var, alpha_prev_for_var = _step_alphas(scheduler, timestep, sample)
     beta_t = 1 - alpha_t
     # 3. predicted x_0 and epsilon: formula (12)
     prediction_type = scheduler.config.prediction_type
@@ -126,8 +151,9 @@ def ddim_step_distribution(
     if scheduler.config.clip_sample:
         limit = scheduler.config.clip_sample_range
         pred_x0 = pred_x0.clamp(-limit, limit)
-    # 4. variance sigma_t^2: formula (16); floored at the last step when alpha_{t-1} = 1 (see above)
-    variance = (1 - alpha_prev_for_var) / beta_t * (1 - alpha_t / alpha_prev_for_var)
+    # 4. variance sigma_t^2: formula (16); its alphas differ from the mean's only where it would be
+    # zero, at the last step when alpha_{t-1} = 1 or t = 0 (see above)
+    variance = (1 - alpha_prev_for_var) / (1 - alpha_t_for_var) * (1 - alpha_t_for_var / alpha_prev_for_var)
     std = eta * variance.sqrt()
     # 5. mean: "x_0 direction" + "x_t direction" of formula (12)
     direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt() * pred_eps
