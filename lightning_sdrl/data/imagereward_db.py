@@ -22,9 +22,16 @@ Every prompt's ranking becomes ``(better, worse)`` pairs, ties skipped
 (:func:`lightning_sdrl.functional.preference.ranking_to_pairs`). CLIP is frozen during reward
 training, so each unique image and prompt is encoded once, in :meth:`ImageRewardDataModule.setup`,
 and batches are pairs of cached embeddings (:class:`PreferenceBatch`).
+
+Rows are checked as they are read. A missing (null, NaN) or non-integer or non-positive rank, a
+missing image path or prompt, one ``prompt_id`` with two prompt texts, and one image listed twice
+for a prompt with two different ranks are errors naming the file, the row and the value. An image
+listed twice with the same rank is the same judgement repeated: the repeat is skipped (never paired
+with itself) and counted. Each split's counts, ties included, are a :class:`LoadReport`.
 """
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +39,7 @@ from typing import Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -63,12 +71,62 @@ class RankedPrompt:
         prompt: Text of the prompt.
         images: Image paths as written in the metadata (relative to ``image_dir``).
         ranks: Rank of each image, 1 is best; equal ranks are ties.
+        duplicate_rows: Rows of the metadata that repeated one of ``images`` with the same rank,
+            skipped.
     """
 
     prompt_id: str
     prompt: str
     images: tuple[str, ...]
     ranks: tuple[int, ...]
+    duplicate_rows: int = 0
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What reading one split's metadata kept and skipped.
+
+    Attributes:
+        source: The metadata file.
+        prompts: Prompts read.
+        images: Images kept, one per distinct image of a prompt.
+        pairs: Comparisons made: pairs of images of one prompt with different ranks.
+        tied_pairs: Pairs of images of one prompt with equal ranks, skipped (a tie states no
+            preference).
+        duplicate_rows: Rows repeating an image of the same prompt with the same rank, skipped.
+    """
+
+    source: Path
+    prompts: int
+    images: int
+    pairs: int
+    tied_pairs: int
+    duplicate_rows: int
+
+    def summary(self) -> str:
+        """The counts as one line, for the log."""
+        return (
+            f"{self.source}: {self.prompts} prompts, {self.images} images, {self.pairs} "
+            f"comparisons; skipped {self.tied_pairs} tied image pairs and {self.duplicate_rows} "
+            "duplicate rows"
+        )
+
+
+def load_report(prompts: Iterable[RankedPrompt], source: str | Path) -> LoadReport:
+    """Count the prompts, images, comparisons, ties and skipped rows of one split.
+
+    Example:
+        >>> prompt = RankedPrompt("p0", "a cat", ("a.webp", "b.webp", "c.webp"), (2, 1, 2), 1)
+        >>> load_report([prompt], "train.json").summary()
+        'train.json: 1 prompts, 3 images, 2 comparisons; skipped 1 tied image pairs and 1 duplicate rows'
+    """
+    prompts = list(prompts)
+    images = sum(len(item.images) for item in prompts)
+    all_pairs = sum(len(item.images) * (len(item.images) - 1) // 2 for item in prompts)
+    # n images sharing a rank make n * (n - 1) / 2 tied pairs
+    tied = sum(n * (n - 1) // 2 for item in prompts for n in Counter(item.ranks).values())
+    duplicates = sum(item.duplicate_rows for item in prompts)
+    return LoadReport(Path(source), len(prompts), images, all_pairs - tied, tied, duplicates)
 
 
 @dataclass(frozen=True)
@@ -109,10 +167,73 @@ def preference_pairs(prompts: Iterable[RankedPrompt]) -> list[PreferencePair]:
     ]
 
 
+def _check_rank(value: object, where: str) -> int:
+    """``value`` as a rank (a positive integer; a float column's ``2.0`` is ``2``), else an error."""
+    integral = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()
+    )
+    if not integral or value < 1:  # NaN, inf and None are not integral
+        raise ValueError(
+            f"{where} is {value!r}; expected a positive integer rank (1 is the best image, equal "
+            "ranks are ties): fix the value or drop the row"
+        )
+    return int(value)
+
+
+def _check_text(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} is {value!r}; expected a non-empty string: fix the value or drop the row")
+    return value
+
+
+def _ranked_prompt(prompt_id: str, prompt: str, rows: Sequence[tuple[str, int, str]], source: Path) -> RankedPrompt:
+    """One prompt from its ``(image, rank, where)`` rows, repeats of an image and rank skipped.
+
+    Raises:
+        ValueError: If one image has two different ranks; the data contradicts itself.
+    """
+    ranks: dict[str, tuple[int, str]] = {}
+    duplicates = 0
+    for image, rank, where in rows:
+        if image not in ranks:
+            ranks[image] = (rank, where)
+            continue
+        first_rank, first_where = ranks[image]
+        if rank != first_rank:
+            raise ValueError(
+                f"{source}: prompt_id {prompt_id!r} lists image {image!r} twice with different "
+                f"ranks, {first_rank} ({first_where}) and {rank} ({where}); expected one rank per "
+                "image: drop the wrong row"
+            )
+        duplicates += 1
+    return RankedPrompt(prompt_id, prompt, tuple(ranks), tuple(rank for rank, _ in ranks.values()), duplicates)
+
+
+def _check_parquet_row(row: Mapping[str, object], where: str) -> tuple[str, str, str, int]:
+    """``(prompt_id, prompt, image_path, rank)`` of one metadata row, checked."""
+    prompt_id = row["prompt_id"]
+    if prompt_id is None or prompt_id != prompt_id:  # null or NaN
+        raise ValueError(f"{where}, column 'prompt_id' is {prompt_id!r}; expected an id: fix the value or drop the row")
+    return (
+        str(prompt_id),
+        _check_text(row["prompt"], f"{where}, column 'prompt'"),
+        _check_text(row["image_path"], f"{where}, column 'image_path'"),
+        _check_rank(row["rank"], f"{where}, column 'rank'"),
+    )
+
+
 def read_parquet_split(metadata_file: str | Path) -> list[RankedPrompt]:
     """Read one ``metadata-<split>.parquet`` of the Hugging Face layout, grouped by prompt.
 
-    Prompts keep the order of their first row; images keep row order within a prompt.
+    Prompts keep the order of their first row; images keep row order within a prompt. A row
+    repeating an image of its prompt with the same rank is skipped (counted in
+    :attr:`RankedPrompt.duplicate_rows`).
+
+    Raises:
+        FileNotFoundError: If ``metadata_file`` does not exist.
+        ValueError: Naming the row, the column and the value, for a missing column, a missing or
+            invalid rank, image path or prompt, a ``prompt_id`` with two prompt texts, or an image
+            of one prompt with two ranks.
     """
     import pyarrow.parquet as pq  # only this layout needs pyarrow
 
@@ -130,20 +251,35 @@ def read_parquet_split(metadata_file: str | Path) -> list[RankedPrompt]:
             f"metadata with the columns {list(PARQUET_COLUMNS)}"
         )
     rows = pq.read_table(metadata_file, columns=list(PARQUET_COLUMNS)).to_pylist()
-    grouped: dict[str, tuple[str, list[str], list[int]]] = {}
-    for row in rows:
-        prompt_id = str(row["prompt_id"])
-        _, images, ranks = grouped.setdefault(prompt_id, (row["prompt"], [], []))
-        images.append(row["image_path"])
-        ranks.append(int(row["rank"]))
+    # prompt_id -> (prompt, its first row, its (image, rank, where) rows)
+    grouped: dict[str, tuple[str, int, list[tuple[str, int, str]]]] = {}
+    for index, row in enumerate(rows):
+        prompt_id, prompt, image, rank = _check_parquet_row(row, f"{metadata_file}: row {index}")
+        known, first_row, images = grouped.setdefault(prompt_id, (prompt, index, []))
+        if prompt != known:
+            raise ValueError(
+                f"{metadata_file}: prompt_id {prompt_id!r} has two prompt texts, {known!r} (row "
+                f"{first_row}) and {prompt!r} (row {index}); expected one text per prompt_id: fix "
+                "the prompt_id or the text"
+            )
+        images.append((image, rank, f"row {index}"))
     return [
-        RankedPrompt(prompt_id, prompt, tuple(images), tuple(ranks))
-        for prompt_id, (prompt, images, ranks) in grouped.items()
+        _ranked_prompt(prompt_id, prompt, images, metadata_file) for prompt_id, (prompt, _, images) in grouped.items()
     ]
 
 
 def read_json_split(json_file: str | Path) -> list[RankedPrompt]:
-    """Read one ``{train,valid,test}.json`` of ImageReward's training scripts."""
+    """Read one ``{train,valid,test}.json`` of ImageReward's training scripts.
+
+    An image listed twice in one item with the same rank is skipped (counted in
+    :attr:`RankedPrompt.duplicate_rows`).
+
+    Raises:
+        FileNotFoundError: If ``json_file`` does not exist.
+        ValueError: Naming the item, the key and the value, for a missing key, a missing or
+            invalid rank, image path or prompt, unequal numbers of generations and ranks, or an
+            image listed twice with two ranks.
+    """
     json_file = Path(json_file)
     if not json_file.is_file():
         raise FileNotFoundError(
@@ -153,31 +289,40 @@ def read_json_split(json_file: str | Path) -> list[RankedPrompt]:
     items = json.loads(json_file.read_text())
     prompts = []
     for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(
+                f"item {index} of {json_file} is {item!r}; expected an object with the keys "
+                f"{list(JSON_KEYS)} (and optionally 'id')"
+            )
         missing = [key for key in JSON_KEYS if key not in item]
         if missing:
             raise ValueError(
                 f"item {index} of {json_file} lacks the keys {missing}; expected each item to "
                 f"carry {list(JSON_KEYS)} (and optionally 'id')"
             )
+        for key in ("generations", "ranking"):
+            if not isinstance(item[key], list):
+                raise ValueError(f"item {index} of {json_file}: {key!r} is {item[key]!r}; expected a list")
         if len(item["generations"]) != len(item["ranking"]):
             raise ValueError(
                 f"item {index} of {json_file} has {len(item['generations'])} generations but "
                 f"{len(item['ranking'])} ranks; expected one rank per generated image"
             )
-        prompts.append(
-            RankedPrompt(
-                str(item.get("id", index)),
-                item["prompt"],
-                tuple(item["generations"]),
-                tuple(int(rank) for rank in item["ranking"]),
+        where = f"{json_file}: item {index}"
+        rows = [
+            (
+                _check_text(image, f"{where}, 'generations'[{k}]"),
+                _check_rank(rank, f"{where}, 'ranking'[{k}]"),
+                f"item {index}, position {k}",
             )
-        )
+            for k, (image, rank) in enumerate(zip(item["generations"], item["ranking"], strict=True))
+        ]
+        prompt = _check_text(item["prompt"], f"{where}, 'prompt'")
+        prompts.append(_ranked_prompt(str(item.get("id", index)), prompt, rows, json_file))
     return prompts
 
 
-def resolve_image_files(
-    prompts: Iterable[RankedPrompt], image_dir: str | Path, source: str | Path
-) -> dict[str, Path]:
+def resolve_image_files(prompts: Iterable[RankedPrompt], image_dir: str | Path, source: str | Path) -> dict[str, Path]:
     """Map every image path of ``prompts`` to its file under ``image_dir``.
 
     ``image_dir / path`` is tried first, then, for the Hugging Face layout's
@@ -286,9 +431,7 @@ class EmbeddingCache:
                 # images differ in size: preprocess one by one, encode as a batch
                 pixels = torch.cat([encoder.preprocess(im[None].to(device)) for im in images])
                 embeds = encoder.encode_pixels(pixels).float().cpu()
-                self.images.update(
-                    zip(new_images[start : start + len(images)], embeds, strict=True)
-                )
+                self.images.update(zip(new_images[start : start + len(images)], embeds, strict=True))
                 start += len(images)
             for start in range(0, len(new_prompts), batch_size):
                 chunk = new_prompts[start : start + batch_size]
@@ -353,9 +496,7 @@ class ImageRewardPairs(Dataset[PreferenceBatch]):
 
     def __getitem__(self, index: int) -> PreferenceBatch:
         text, better, worse = self.index[index].tolist()
-        return PreferenceBatch(
-            self.text_embeds[text], self.image_embeds[better], self.image_embeds[worse]
-        )
+        return PreferenceBatch(self.text_embeds[text], self.image_embeds[better], self.image_embeds[worse])
 
 
 class ImageRewardDataModule(pl.LightningDataModule):
@@ -400,6 +541,7 @@ class ImageRewardDataModule(pl.LightningDataModule):
         self.cache = EmbeddingCache(cache_path)
         self.prompts: dict[str, list[RankedPrompt]] = {}
         self.datasets: dict[str, ImageRewardPairs] = {}
+        self.reports: dict[str, LoadReport] = {}
 
     def resolved_layout(self) -> Literal["parquet", "json"]:
         """The layout in use; ``"auto"`` picks the one whose files ``data_dir`` holds."""
@@ -427,7 +569,11 @@ class ImageRewardDataModule(pl.LightningDataModule):
         return read_json_split(self.metadata_file(split))
 
     def setup(self, stage: str) -> None:
-        """Read the splits ``stage`` needs and cache their embeddings."""
+        """Read the splits ``stage`` needs and cache their embeddings.
+
+        Each split's counts are kept in :attr:`reports` and logged as one line (a warning when
+        duplicate rows were skipped).
+        """
         splits: dict[str, tuple[Split, ...]] = {
             "fit": ("train", "validation"),
             "validate": ("validation",),
@@ -439,9 +585,10 @@ class ImageRewardDataModule(pl.LightningDataModule):
         image_files: dict[str, Path] = {}
         for split in needed:
             self.prompts[split] = self.read_split(split)
-            image_files.update(
-                resolve_image_files(self.prompts[split], self.image_dir, self.metadata_file(split))
-            )
+            report = load_report(self.prompts[split], self.metadata_file(split))
+            (rank_zero_warn if report.duplicate_rows else rank_zero_info)(report.summary())
+            self.reports[split] = report
+            image_files.update(resolve_image_files(self.prompts[split], self.image_dir, self.metadata_file(split)))
         prompts = [item.prompt for split in needed for item in self.prompts[split]]
         self._cache_embeddings(image_files, prompts)
         for split in needed:
@@ -467,9 +614,7 @@ class ImageRewardDataModule(pl.LightningDataModule):
         if self.trainer is not None:  # encode on the Trainer's device, then hand CLIP back
             encoder.to(self.trainer.strategy.root_device)
         try:
-            self.cache.update(
-                encoder, image_files, prompts, self.encode_batch_size, self.num_workers
-            )
+            self.cache.update(encoder, image_files, prompts, self.encode_batch_size, self.num_workers)
         finally:
             encoder.to(home)
         # with several devices every process encodes, and one writes the file
@@ -484,9 +629,7 @@ class ImageRewardDataModule(pl.LightningDataModule):
             unique image (used for the reward's score statistics).
         """
         if split not in self.prompts:
-            raise RuntimeError(
-                f"split {split!r} is not set up; call setup() with a stage that reads it first"
-            )
+            raise RuntimeError(f"split {split!r} is not set up; call setup() with a stage that reads it first")
         rows = {image: item.prompt for item in self.prompts[split] for image in item.images}
         return (
             _stack(self.cache.images[image] for image in rows),

@@ -1,5 +1,7 @@
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -8,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lightning_sdrl.data import imagereward_db
 from lightning_sdrl.data.imagereward_db import (
     ImageRewardDataModule,
+    LoadReport,
     PreferenceBatch,
     PreferencePair,
     read_parquet_split,
@@ -111,9 +115,7 @@ def write_json_layout(root):
                 seed += 1
                 images[(prompt_id, k)] = path
                 generations.append(path)
-            items.append(
-                {"id": prompt_id, "prompt": prompt, "generations": generations, "ranking": ranks}
-            )
+            items.append({"id": prompt_id, "prompt": prompt, "generations": generations, "ranking": ranks})
         (root / "dataset" / JSON_NAMES[split]).write_text(json.dumps(items))
     return images
 
@@ -156,10 +158,7 @@ def dataset(request, tmp_path):
 
 def _expected(split, images):
     prompts = {prompt_id: prompt for prompt_id, prompt, _ in SPLITS[split]}
-    return [
-        PreferencePair(prompts[pid], images[(pid, b)], images[(pid, w)])
-        for pid, b, w in EXPECTED_PAIRS[split]
-    ]
+    return [PreferencePair(prompts[pid], images[(pid, b)], images[(pid, w)]) for pid, b, w in EXPECTED_PAIRS[split]]
 
 
 def test_both_published_layouts_give_the_ranking_pairs(dataset, encoder):
@@ -269,9 +268,7 @@ def test_malformed_json_item_is_named(tmp_path, encoder):
     items = json.loads(path.read_text())
     del items[1]["ranking"]
     path.write_text(json.dumps(items))
-    datamodule = ImageRewardDataModule(
-        str(tmp_path / "dataset"), image_dir=str(tmp_path / "images"), encoder=encoder
-    )
+    datamodule = ImageRewardDataModule(str(tmp_path / "dataset"), image_dir=str(tmp_path / "images"), encoder=encoder)
     with pytest.raises(ValueError, match=r"item 1 of .*train\.json lacks the keys \['ranking'\]"):
         datamodule.setup("fit")
 
@@ -280,3 +277,134 @@ def test_without_an_encoder_the_error_says_where_to_get_one(tmp_path):
     write_hf_layout(tmp_path)
     with pytest.raises(RuntimeError, match="encoder=CLIPEmbedder"):
         ImageRewardDataModule(str(tmp_path)).setup("fit")
+
+
+def _edit_train_rows(root, edit):
+    """Rewrite metadata-train.parquet with ``edit(rows)`` applied to its list of row dicts."""
+    path = root / "metadata-train.parquet"
+    rows = pq.read_table(path).to_pylist()
+    edit(rows)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_ties_and_kept_rows_are_counted_and_logged_once_per_split(dataset, encoder, monkeypatch):
+    kwargs, _ = dataset
+    lines = []
+    monkeypatch.setattr(imagereward_db, "rank_zero_info", lines.append)
+    datamodule = ImageRewardDataModule(**kwargs, encoder=encoder)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    datamodule.setup("fit")  # already set up: no second report
+    # (prompts, images, comparisons, tied pairs, duplicate rows), counted by hand from SPLITS:
+    # train: images 0 and 3 of [2, 1, 3, 2] tie, and the two of [1, 1]
+    expected = {"train": (3, 9, 8, 2, 0), "validation": (1, 3, 3, 0, 0), "test": (1, 2, 1, 0, 0)}
+    for split, counts in expected.items():
+        report = datamodule.reports[split]
+        assert report == LoadReport(datamodule.metadata_file(split), *counts)
+        assert report.pairs == len(datamodule.datasets[split])
+    train = datamodule.metadata_file("train")
+    assert lines[0] == f"{train}: 3 prompts, 9 images, 8 comparisons; skipped 2 tied image pairs and 0 duplicate rows"
+    assert len(lines) == 3 and [line.split(":")[0] for line in lines] == [
+        str(datamodule.metadata_file(split)) for split in ("train", "validation", "test")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "shown"),
+    [
+        ("rank", None, "None"),
+        ("rank", float("nan"), "nan"),
+        ("rank", 2.5, "2.5"),
+        ("rank", -1, "-1"),
+        ("rank", 0, "0"),
+        ("prompt_id", None, "None"),
+        ("prompt", None, "None"),
+        ("image_path", None, "None"),
+    ],
+)
+def test_invalid_value_names_file_row_column_and_value(tmp_path, column, value, shown):
+    write_hf_layout(tmp_path)
+    path = _edit_train_rows(tmp_path, lambda rows: rows[5].update({column: value}))
+    file, expected = (
+        re.escape(str(path)),
+        "a positive integer rank" if column == "rank" else "(an id|a non-empty string)",
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"{file}: row 5, column '{column}' is {re.escape(shown)}; expected {expected}.*fix the value or drop",
+    ):
+        ImageRewardDataModule(str(tmp_path)).setup("fit")
+
+
+def test_float_rank_column_reads_as_integer_ranks(tmp_path):
+    write_hf_layout(tmp_path)
+    path = _edit_train_rows(tmp_path, lambda rows: rows[5].update(rank=float("nan")))
+    with pytest.raises(ValueError, match=r"row 5, column 'rank' is nan"):
+        read_parquet_split(path)
+    _edit_train_rows(tmp_path, lambda rows: rows[5].update(rank=2.0))  # the column stays float
+    assert pq.read_schema(path).field("rank").type == pa.float64()
+    prompts = read_parquet_split(path)
+    assert [item.ranks for item in prompts] == [tuple(ranks) for _, _, ranks in SPLITS["train"]]
+    assert all(type(rank) is int for item in prompts for rank in item.ranks)
+
+
+def test_invalid_json_rank_names_file_item_and_position(tmp_path):
+    write_json_layout(tmp_path)
+    path = tmp_path / "dataset" / "train.json"
+    items = json.loads(path.read_text())
+    items[1]["ranking"][2] = None
+    path.write_text(json.dumps(items))
+    datamodule = ImageRewardDataModule(str(tmp_path / "dataset"), image_dir=str(tmp_path / "images"))
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(path))}: item 1, 'ranking'\[2\] is None; expected a positive integer"
+    ):
+        datamodule.setup("fit")
+
+
+def test_prompt_id_with_two_texts_names_both(tmp_path):
+    write_hf_layout(tmp_path)
+    path = _edit_train_rows(tmp_path, lambda rows: rows[6].update(prompt="a grey fox"))
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(path))}: prompt_id '001215-0007' has two prompt texts, 'a red fox in the snow' "
+        r"\(row 4\) and 'a grey fox' \(row 6\); expected one text per prompt_id",
+    ):
+        read_parquet_split(path)
+
+
+def _repeat_image(dataset_kwargs, rank):
+    """List image 1 of prompt 001215-0007 (rank 2) a second time, with ``rank``."""
+    data_dir = Path(dataset_kwargs["data_dir"])
+    if "image_dir" not in dataset_kwargs:  # parquet: row 5 is that image; the copy becomes row 9
+        return _edit_train_rows(data_dir, lambda rows: rows.append({**rows[5], "rank": rank}))
+    path = data_dir / "train.json"
+    items = json.loads(path.read_text())
+    items[1]["generations"].append(items[1]["generations"][1])
+    items[1]["ranking"].append(rank)
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_repeated_image_row_is_skipped_with_a_count(dataset, encoder):
+    kwargs, images = dataset
+    _repeat_image(kwargs, rank=2)
+    datamodule = ImageRewardDataModule(**kwargs, encoder=encoder)
+    with pytest.warns(UserWarning, match=r"8 comparisons; skipped 2 tied image pairs and 1 duplicate rows"):
+        datamodule.setup("fit")
+    assert datamodule.datasets["train"].pairs == _expected("train", images)
+    assert datamodule.reports["train"].duplicate_rows == 1 and datamodule.reports["train"].images == 9
+    assert [item.duplicate_rows for item in datamodule.prompts["train"]] == [0, 1, 0]
+
+
+def test_repeated_image_with_another_rank_is_an_error(dataset):
+    kwargs, images = dataset
+    path = _repeat_image(kwargs, rank=3)
+    where = ("row 5", "row 9") if path.suffix == ".parquet" else ("item 1, position 1", "item 1, position 3")
+    file, image = re.escape(str(path)), re.escape(images[("001215-0007", 1)])
+    with pytest.raises(
+        ValueError,
+        match=rf"{file}: prompt_id '001215-0007' lists image '{image}' twice with different "
+        rf"ranks, 2 \({where[0]}\) and 3 \({where[1]}\); expected one rank per image",
+    ):
+        ImageRewardDataModule(**kwargs).setup("fit")
