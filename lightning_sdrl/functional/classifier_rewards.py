@@ -56,7 +56,9 @@ def classify_with_threshold(probs: Tensor, threshold: float = 0.7) -> Tensor:
     """Assign each image its most probable class, or ``-1`` ("None") when the classifier is unsure.
 
     Section III-C: an image is classified only if its top probability reaches the confidence
-    level ``threshold`` (0.7 in the paper); otherwise it is labelled "None".
+    level ``threshold`` (0.7 in the paper); otherwise it is labelled "None". A row with a NaN
+    probability never reaches the threshold, so it is "None" here; :func:`balance_reward` gives
+    such rows NaN instead.
 
     Args:
         probs: Classifier probabilities ``[B, K]``.
@@ -84,13 +86,9 @@ def _target_distribution(target: Tensor | None, num_classes: int, device: torch.
         return torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=device)
     target = torch.as_tensor(target, dtype=torch.float64, device=device)
     if target.shape != (num_classes,):
-        raise ValueError(
-            f"target has shape {list(target.shape)}; expected [{num_classes}] (one share per class)"
-        )
+        raise ValueError(f"target has shape {list(target.shape)}; expected [{num_classes}] (one share per class)")
     if (target <= 0).any() or not torch.isclose(target.sum(), target.new_tensor(1.0)):
-        raise ValueError(
-            f"target={target.tolist()}; expected strictly positive class shares summing to 1"
-        )
+        raise ValueError(f"target={target.tolist()}; expected strictly positive class shares summing to 1")
     return target
 
 
@@ -105,7 +103,12 @@ def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None 
       under its target share, negative while it is over;
     * a "None" image gets ``min_k r_k = (1 - max_k p_k / t_k) / K <= 0``, the reward of the most
       over-represented class;
-    * if no image is classified (``n = 0``) every reward is ``0``.
+    * if no image is classified (``n = 0``), ``q`` of eq. (2) is ``0 / 0``: an all-"None" batch
+      is not balanced, so every image gets the reward's worst value ``(1 - 1 / min_k t_k) / K``
+      (``-1/2`` for ``K = 2``), that of a batch entirely in the class with the smallest target
+      share;
+    * a row with a NaN or infinite probability (e.g. the classifier's output for a NaN image) gets
+      NaN and is left out of the counts: it is neither a class nor "None".
 
     For ``K = 2`` and the uniform target this is eq. (3) exactly, with column 1 the class whose
     share is ``q``: ``r_1 = 1/2 - q`` and ``r_0 = q - 1/2``, so the minority class (the
@@ -113,10 +116,12 @@ def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None 
     In eq. (3) as written a "None" image never equals the indicator, so it gets
     ``-|q - 1/2| = min(r_0, r_1)``, which is the rule above.
 
-    The batch total is ``-(n / K) * chi2(p || t) + n_None * min_k r_k`` with
+    For ``n > 0`` the batch total is ``-(n / K) * chi2(p || t) + n_None * min_k r_k`` with
     ``chi2(p || t) = sum_k (p_k - t_k)^2 / t_k``; both terms are ``<= 0`` and vanish exactly
     when ``p = t``, so the total is maximal (zero) at the target distribution (for ``K = 2``:
-    ``-2 n (q - 1/2)^2 - n_None |q - 1/2|``, the curve of Fig. 2).
+    ``-2 n (q - 1/2)^2 - n_None |q - 1/2|``, the curve of Fig. 2). Every reward is at least the
+    worst value above, so the all-"None" total ``B (1 - 1 / min_k t_k) / K`` is the lowest a
+    batch of ``B`` can get (for ``K = 2``: ``-B / 2``, as for ``q = 0`` or ``q = 1``).
 
     Args:
         probs: Classifier probabilities ``[B, K]``.
@@ -137,15 +142,24 @@ def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None 
         >>> probs = torch.tensor([[8.0, 1, 1], [8, 1, 1], [1, 8, 1], [1, 1, 8]]) / 10
         >>> balance_reward(probs)  # p = (1/2, 1/4, 1/4) against the uniform 1/3
         tensor([-0.1667, -0.1667,  0.0833,  0.0833])
+        >>> balance_reward(torch.tensor([[0.5, 0.5], [0.6, 0.4]]))  # all "None": the worst value
+        tensor([-0.5000, -0.5000])
+        >>> balance_reward(torch.tensor([[0.9, 0.1], [float("nan")] * 2, [0.2, 0.8]]))
+        tensor([0., nan, 0.])
     """
     _check_probs(probs)
     num_classes = probs.shape[1]
     shares_target = _target_distribution(target, num_classes, probs.device)
-    # 1. threshold the classifier output: class(i) in {0, ..., K-1} or None (section III-C)
+    # 1. threshold the classifier output: class(i) in {0, ..., K-1} or None (section III-C);
+    #    a non-finite row is neither (NaN reward, not counted)
+    finite = torch.isfinite(probs).all(dim=1)
     classes = classify_with_threshold(probs, threshold)
-    classified = classes != _NONE
+    classified = (classes != _NONE) & finite
     if not classified.any():
-        return torch.zeros_like(probs[:, 0])
+        # eq. (2) with F_count + M_count = 0: q is undefined, and a batch with no classified image
+        # is not balanced: the worst value, min over p of min_k r_k, reached at p_k = 1 for argmin t
+        worst = (1.0 - 1.0 / shares_target.min()) / num_classes
+        return worst.expand(len(probs)).to(probs.dtype).masked_fill(~finite, float("nan"))
     # 2. shares of the classified images, eq. (2): q = F_count / (F_count + M_count) = p_1
     counts = torch.bincount(classes[classified], minlength=num_classes).to(torch.float64)
     shares = counts / counts.sum()
@@ -154,4 +168,4 @@ def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None 
     # 4. "None" never equals the indicator: it gets the reward of the most over-represented class
     none_reward = class_rewards.min()
     rewards = torch.where(classified, class_rewards[classes.clamp(min=0)], none_reward)
-    return rewards.to(probs.dtype)
+    return rewards.to(probs.dtype).masked_fill(~finite, float("nan"))

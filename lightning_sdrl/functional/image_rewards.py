@@ -20,9 +20,11 @@ def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
     """Size in kB of each image saved as JPEG at ``quality``; ``[B]`` float32.
 
     Images are ``[B, 3, H, W]`` floats in ``[0, 1]``; they are quantised to 8 bits first, as a
-    saved image would be.
+    saved image would be. An image with a NaN or infinite pixel has no 8-bit version: its size is
+    NaN.
     """
     _check_images(images)
+    finite = torch.isfinite(images.detach()).flatten(1).all(dim=1)
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
@@ -32,7 +34,7 @@ def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
             buffer, format="JPEG", quality=quality
         )
         sizes.append(buffer.tell() / 1000.0)
-    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device).masked_fill(~finite, float("nan"))
 
 
 def jpeg_compressibility(images: Tensor, quality: int = 95) -> Tensor:
@@ -42,6 +44,8 @@ def jpeg_compressibility(images: Tensor, quality: int = 95) -> Tensor:
         >>> flat, noisy = torch.full((1, 3, 32, 32), 0.5), torch.rand(1, 3, 32, 32)
         >>> bool(jpeg_compressibility(flat) > jpeg_compressibility(noisy))
         True
+        >>> jpeg_compressibility(torch.full((1, 3, 8, 8), float("nan")))
+        tensor([nan])
     """
     return -jpeg_size_kb(images, quality)
 

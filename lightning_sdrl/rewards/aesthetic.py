@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sdrl.rewards.base import check_images, score_finite_images
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
 __all__ = ["AestheticMLP", "AestheticReward", "CLIPScoreReward", "load_aesthetic_head"]
@@ -150,13 +151,17 @@ class AestheticReward(nn.Module):
         return super().train(False)
 
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
-        """Aesthetic score of each image, ``[B]``.
+        """Aesthetic score of each image, ``[B]`` (NaN for a non-finite image).
 
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``.
             prompts: The ``B`` prompts (unused).
             **metadata: Ignored.
         """
+        finite = check_images(images, type(self).__name__)
+        return score_finite_images(self._score, images, finite)
+
+    def _score(self, images: Tensor) -> Tensor:
         embeds = self.embedder.encode_images(images)  # already L2-normalised
         return self.head(embeds.to(next(self.head.parameters()).dtype)).squeeze(-1)
 
@@ -181,14 +186,19 @@ class CLIPScoreReward(nn.Module):
         self.embedder = CLIPEmbedder(model_name, pretrained=pretrained)
 
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
-        """CLIPScore ``[B]`` of each image with its prompt.
+        """CLIPScore ``[B]`` of each image with its prompt (NaN for a non-finite image).
 
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``.
             prompts: The ``B`` prompts the images were generated from.
             **metadata: Ignored.
         """
+        finite = check_images(images, type(self).__name__)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
-        image_embeds, text_embeds = self.embedder(images, prompts)
-        return 100.0 * (image_embeds * text_embeds).sum(dim=-1).clamp(min=0.0)
+
+        def clip_score(images: Tensor) -> Tensor:
+            image_embeds, text_embeds = self.embedder(images, prompts)
+            return 100.0 * (image_embeds * text_embeds).sum(dim=-1).clamp(min=0.0)
+
+        return score_finite_images(clip_score, images, finite)

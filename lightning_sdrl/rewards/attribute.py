@@ -26,6 +26,7 @@ from lightning_sdrl.functional.classifier_rewards import (
     classify_with_threshold,
     shift_reward,
 )
+from lightning_sdrl.rewards.base import check_images, score_finite_images
 
 __all__ = ["BalanceReward", "ShiftReward", "attribute_shares", "group_probabilities"]
 
@@ -191,14 +192,15 @@ class ShiftReward(_AttributeReward):
         return int(target)
 
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
-        """``P(attribute = target)`` of each image, ``[B]``.
+        """``P(attribute = target)`` of each image, ``[B]`` (NaN for a non-finite image).
 
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``.
             prompts: The ``B`` prompts (unused).
             **metadata: Ignored.
         """
-        return shift_reward(self.attribute_probs(images), self.target)
+        finite = check_images(images, type(self).__name__)
+        return score_finite_images(lambda x: shift_reward(self.attribute_probs(x), self.target), images, finite)
 
 
 class BalanceReward(_AttributeReward):
@@ -251,11 +253,17 @@ class BalanceReward(_AttributeReward):
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
         """Balance reward of each image given the whole batch, ``[B]``.
 
+        A non-finite image is neither a class nor "None": it gets NaN, and the shares are those
+        of the finite images; a batch with no finite image is all NaN, never "balanced".
+
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``: all images sampled together.
             prompts: The ``B`` prompts (unused).
             **metadata: Ignored.
         """
+        finite = check_images(images, type(self).__name__)
         with torch.no_grad():
-            probs = self.attribute_probs(images)
-        return balance_reward(probs, self.threshold, self.target_distribution)
+            return score_finite_images(self._balance, images, finite, batch_level=True)
+
+    def _balance(self, images: Tensor) -> Tensor:
+        return balance_reward(self.attribute_probs(images), self.threshold, self.target_distribution)

@@ -29,11 +29,14 @@ from torch import Tensor, nn
 from lightning_sdrl.data.reference import ReferenceSet
 from lightning_sdrl.feedback.digits import DigitFeatureNet
 from lightning_sdrl.functional.diversity import gp_mi_reward, marginal_utility, mmd_reward
+from lightning_sdrl.rewards.base import check_images, score_finite_images
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
 __all__ = ["CLIPImageFeatures", "DigitsFeatures", "DiversityReward", "InceptionFeatures"]
 
 _SET_REWARDS = {"mmd": mmd_reward, "gp_mi": gp_mi_reward}
+# fewest generated images each (kind, individual) needs: mmd's leave-one-out sets need 2 images
+_MIN_IMAGES = {("mmd", True): 3, ("mmd", False): 2, ("gp_mi", True): 2, ("gp_mi", False): 1}
 
 INCEPTION_SIZE = 299
 """Input side of InceptionV3."""
@@ -211,7 +214,9 @@ class DiversityReward(nn.Module):
        ``r(Z_g) - r(Z_g without z_m)`` (eq. 18); else every image gets the set reward.
 
     The whole batch is one set, so the reward is ``batch_level`` (DDPO hands it the images of
-    all processes); for per-condition sets sample one condition per batch.
+    all processes); for per-condition sets sample one condition per batch. Non-finite images
+    get NaN and the set is the finite images alone; if fewer finite images remain than the set
+    reward needs (3 for ``mmd`` with ``individual=True``), every image gets NaN.
 
     Args:
         feature_extractor: Frozen ``phi``, images ``[B, 3, H, W]`` in ``[0, 1]`` -> ``[B, D]``.
@@ -279,6 +284,12 @@ class DiversityReward(nn.Module):
             prompts: The ``B`` prompts (unused).
             **metadata: Ignored.
         """
+        finite = check_images(images, type(self).__name__)
+        if not finite.all() and int(finite.sum()) < _MIN_IMAGES[self.kind, self.individual]:
+            finite = torch.zeros_like(finite)  # too few finite images left to compare: all NaN
+        return score_finite_images(self._diversity, images, finite, batch_level=True)
+
+    def _diversity(self, images: Tensor) -> Tensor:
         gen_feats = self._features(self.feature_extractor(images))
         ref_feats = self.reference_features(gen_feats.device)
         if self.individual:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lightning_sdrl.rewards.base import check_images, score_finite_images
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "head.safetensors"
 
@@ -129,9 +131,7 @@ class CLIPEmbedder(nn.Module):
         FileNotFoundError: CLIP weights file not found: pretrained='missing.bin'. ...
     """
 
-    def __init__(
-        self, model_name: str = "ViT-L-14-quickgelu", pretrained: str | None = None
-    ) -> None:
+    def __init__(self, model_name: str = "ViT-L-14-quickgelu", pretrained: str | None = None) -> None:
         super().__init__()
         if pretrained is not None and not Path(pretrained).is_file():
             raise FileNotFoundError(
@@ -176,17 +176,13 @@ class CLIPEmbedder(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         """Resize, centre-crop and normalise images ``[B, 3, H, W]`` in ``[0, 1]`` for CLIP."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"images have shape {list(images.shape)}; expected [B, 3, H, W] floats in [0, 1]"
-            )
+            raise ValueError(f"images have shape {list(images.shape)}; expected [B, 3, H, W] floats in [0, 1]")
         height, width = images.shape[-2:]
         target_h, target_w = self.image_size
         if (height, width) != (target_h, target_w):
             scale = max(target_h / height, target_w / width)
             resized = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
-            images = F.interpolate(
-                images, size=resized, mode="bicubic", align_corners=False, antialias=True
-            )
+            images = F.interpolate(images, size=resized, mode="bicubic", align_corners=False, antialias=True)
             top = (resized[0] - target_h) // 2
             left = (resized[1] - target_w) // 2
             images = images[..., top : top + target_h, left : left + target_w]
@@ -292,6 +288,8 @@ class LearnedPreferenceReward(nn.Module):
         score_std: Standard deviation of the head score over the training images.
     """
 
+    batch_level = False
+
     def __init__(
         self,
         embedder: nn.Module,
@@ -327,24 +325,25 @@ class LearnedPreferenceReward(nn.Module):
             **metadata: Ignored; accepted so all rewards share one call signature.
 
         Returns:
-            Standardised rewards ``[B]``, differentiable with respect to ``images``.
+            Standardised rewards ``[B]``, differentiable with respect to ``images``; NaN for a
+            non-finite image.
         """
+        finite = check_images(images, type(self).__name__)
         if len(prompts) != images.shape[0]:
-            raise ValueError(
-                f"got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt "
-                "per image"
-            )
-        image_embeds, text_embeds = self.embedder(images, prompts)
-        return (self.head(image_embeds, text_embeds) - self.score_mean) / self.score_std
+            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
+
+        def standardised_score(images: Tensor) -> Tensor:
+            image_embeds, text_embeds = self.embedder(images, prompts)
+            return (self.head(image_embeds, text_embeds) - self.score_mean) / self.score_std
+
+        return score_finite_images(standardised_score, images, finite)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Save the head, its config, its embedder's name and score statistics (not CLIP) to ``directory``."""
         save_reward_head(directory, self.head, self.embedder, self.score_mean, self.score_std)
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, clip_pretrained: str | None
-    ) -> "LearnedPreferenceReward":
+    def from_pretrained(cls, directory: str | Path, clip_pretrained: str | None) -> "LearnedPreferenceReward":
         """Load a head saved by :meth:`save_pretrained` and the CLIP it was trained on.
 
         Args:

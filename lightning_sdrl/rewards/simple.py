@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_sdrl.functional.image_rewards import jpeg_compressibility, mean_brightness
+from lightning_sdrl.rewards.base import check_images, score_finite_images
 
 
 class JpegCompressibility(nn.Module):
@@ -25,8 +26,9 @@ class JpegCompressibility(nn.Module):
         self.quality = quality
 
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
-        """Score ``[B, 3, H, W]`` images in ``[0, 1]``; returns ``[B]``."""
-        return jpeg_compressibility(images, self.quality)
+        """Score ``[B, 3, H, W]`` images in ``[0, 1]``; returns ``[B]`` (NaN for non-finite images)."""
+        finite = check_images(images, type(self).__name__)
+        return score_finite_images(lambda x: jpeg_compressibility(x, self.quality), images, finite)
 
 
 class Brightness(nn.Module):
@@ -35,5 +37,6 @@ class Brightness(nn.Module):
     batch_level = False
 
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
-        """Score ``[B, 3, H, W]`` images in ``[0, 1]``; returns ``[B]``."""
-        return mean_brightness(images)
+        """Score ``[B, 3, H, W]`` images in ``[0, 1]``; returns ``[B]`` (NaN for non-finite images)."""
+        finite = check_images(images, type(self).__name__)
+        return score_finite_images(mean_brightness, images, finite)

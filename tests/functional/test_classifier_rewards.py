@@ -21,8 +21,8 @@ def eq3_by_hand(probs: list[list[float]], threshold: float = 0.7) -> list[float]
         else:
             classes.append(1 if p_female > p_male else 0)
     female, male = classes.count(1), classes.count(0)
-    if female + male == 0:
-        return [0.0] * len(probs)
+    if female + male == 0:  # q = 0 / 0: not balanced, the worst value (that of q = 0 or q = 1)
+        return [-0.5] * len(probs)
     q = female / (female + male)  # eq. (2)
     indicator = 1 if q < 0.5 else 0
     return [abs(q - 0.5) * (2 * (c == indicator) - 1) for c in classes]  # eq. (3)
@@ -67,8 +67,8 @@ def test_classify_with_threshold_rejects_bad_threshold(threshold):
         ([FEMALE, FEMALE], [-0.5, -0.5]),
         # q = 1/3: indicator = 1
         ([MALE, FEMALE, MALE], [-1 / 6, 1 / 6, -1 / 6]),
-        # no classified image: zero reward by convention
-        ([UNSURE, UNSURE], [0.0, 0.0]),
+        # no classified image: q is undefined and the batch is not balanced, the worst value -1/2
+        ([UNSURE, UNSURE], [-0.5, -0.5]),
     ],
 )
 def test_balance_reward_matches_eq3_by_hand(batch, expected):
@@ -80,9 +80,7 @@ def test_balance_reward_matches_eq3_by_hand(batch, expected):
 def test_balance_reward_matches_eq3_on_random_batches():
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
-        p_female = torch.rand(
-            int(torch.randint(1, 12, (1,), generator=generator)), generator=generator
-        )
+        p_female = torch.rand(int(torch.randint(1, 12, (1,), generator=generator)), generator=generator)
         probs = torch.stack([1 - p_female, p_female], dim=1)
         torch.testing.assert_close(balance_reward(probs), torch.tensor(eq3_by_hand(probs.tolist())))
 
@@ -91,12 +89,8 @@ def test_balance_reward_keeps_dtype_and_threshold():
     probs = torch.tensor([[0.65, 0.35], [0.2, 0.8]], dtype=torch.float64)
     assert balance_reward(probs).dtype == torch.float64
     # at threshold 0.6 the first image counts as male: q = 1/2
-    torch.testing.assert_close(
-        balance_reward(probs, threshold=0.6), torch.zeros(2, dtype=torch.float64)
-    )
-    torch.testing.assert_close(
-        balance_reward(probs), torch.tensor([-0.5, -0.5], dtype=torch.float64)
-    )
+    torch.testing.assert_close(balance_reward(probs, threshold=0.6), torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(balance_reward(probs), torch.tensor([-0.5, -0.5], dtype=torch.float64))
 
 
 def probs_for_counts(counts: tuple[int, ...], num_classes: int) -> torch.Tensor:
@@ -127,19 +121,13 @@ def test_balance_reward_total_is_maximal_at_the_target(target, batch_size, best)
     totals = {}
     # brute force over every (n_0, ..., n_{K-1}, n_None) with sum B
     for counts in compositions(batch_size, num_classes + 1):
-        totals[counts] = (
-            balance_reward(probs_for_counts(counts, num_classes), target=target).sum().item()
-        )
+        totals[counts] = balance_reward(probs_for_counts(counts, num_classes), target=target).sum().item()
     maximum = max(totals.values())
     assert maximum == pytest.approx(0.0, abs=1e-6)
     argmax = {c for c, total in totals.items() if total > maximum - 1e-6}
-    for (
-        counts
-    ) in argmax:  # the maximum is reached exactly when the classified shares equal the target
+    for counts in argmax:  # the maximum is reached exactly when the classified shares equal the target
         classified = torch.tensor(counts[:num_classes], dtype=torch.float64)
-        assert classified.sum() == 0 or torch.allclose(
-            classified / classified.sum(), shares.double()
-        )
+        assert classified.sum() == 0 or torch.allclose(classified / classified.sum(), shares.double())
     assert (*best, 0) in argmax
     without_none = {c for c in argmax if c[-1] == 0}
     assert without_none == {(*best, 0)}
@@ -166,3 +154,37 @@ def test_balance_reward_rejects_bad_inputs():
         balance_reward(torch.rand(4, 3), target=torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="strictly positive"):
         balance_reward(torch.rand(4, 2), target=torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "target", "worst"),
+    [
+        (2, None, -0.5),
+        (3, None, -2 / 3),
+        (3, [0.5, 1 / 3, 1 / 6], (1 - 6) / 3),
+    ],
+)
+def test_balance_reward_of_an_all_none_batch_is_the_lowest_any_batch_gets(num_classes, target, worst):
+    unsure = torch.full((5, num_classes), 1.0 / num_classes)
+    rewards = balance_reward(unsure, target=target)
+    torch.testing.assert_close(rewards, torch.full((5,), worst))
+    # brute force: no batch of 5 (classified or not) gets a lower reward or total
+    for counts in compositions(5, num_classes + 1):
+        other = balance_reward(probs_for_counts(counts, num_classes), target=target)
+        assert other.min() >= worst - 1e-6 and other.sum() >= rewards.sum() - 1e-5
+
+
+def test_balance_reward_gives_non_finite_rows_nan_and_leaves_them_out():
+    nan, inf = float("nan"), float("inf")
+    probs = torch.tensor([MALE, [nan, nan], MALE, FEMALE, [inf, 0.0], UNSURE])
+    rewards = balance_reward(probs)
+    assert torch.isnan(rewards[[1, 4]]).all()
+    # the other four are scored as the batch without the non-finite rows (q = 1/3)
+    torch.testing.assert_close(rewards[[0, 2, 3, 5]], balance_reward(probs[[0, 2, 3, 5]]))
+    torch.testing.assert_close(rewards[[0, 2, 3, 5]], torch.tensor([-1 / 6, -1 / 6, 1 / 6, -1 / 6]))
+    # a batch with no finite row is never scored as balanced
+    assert torch.isnan(balance_reward(torch.full((4, 2), nan))).all()
+    # unsure images next to NaN rows: an all-"None" batch, the worst value
+    torch.testing.assert_close(
+        balance_reward(torch.tensor([UNSURE, [nan, nan]])), torch.tensor([-0.5, nan]), equal_nan=True
+    )
