@@ -44,6 +44,22 @@ class BatchRankReward(nn.Module):
         return images.mean(dim=(1, 2, 3))
 
 
+class NaNOnRankZeroReward(nn.Module):
+    """Brightness, except that process 0's first image of every epoch's first batch scores NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images, prompts, **metadata):
+        rewards = images.mean(dim=(1, 2, 3))
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0 and self.calls % 2 == 0:  # the tiny config samples two batches per epoch
+            rewards[0] = float("nan")
+        self.calls += 1
+        return rewards
+
+
 class RecordUpdates(pl.Callback):
     """Writes, per rank and epoch, a fingerprint of the samples and the advantages used."""
 
@@ -58,6 +74,7 @@ class RecordUpdates(pl.Callback):
             "sample_sums": info["images"].flatten(1).sum(1).tolist(),
             "advantages": info["advantages"].tolist(),
             "reward_seen": list(getattr(pl_module.reward, "seen", [])),
+            "trainable_sum": sum(float(p.double().sum()) for p in pl_module.policy.trainable_parameters()),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.json"

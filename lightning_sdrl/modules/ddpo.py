@@ -14,6 +14,7 @@ The math lives in :mod:`lightning_sdrl.functional`; this file only orchestrates 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,14 +27,18 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_sdrl.data.sampling import PromptBatch, derive_seed
+from lightning_sdrl.figures import save_captioned_grid
 from lightning_sdrl.functional.ddim import gaussian_kl_same_std
 from lightning_sdrl.functional.ppo import PolicyLoss, clip_advantages, ppo_clip_loss, truly_ppo_loss
 from lightning_sdrl.functional.stat_tracking import PerPromptStatTracker, batch_advantages
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
+from lightning_sdrl.modules.guards import NonFiniteGuard, all_finite, check_checkpoint_keys, check_finite_state
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.rewards.base import check_reward_output
 from lightning_sdrl.validation import check_positive_ints
+
+log = logging.getLogger("lightning_sdrl")
 
 
 @dataclass
@@ -41,8 +46,9 @@ class EpochSamples:
     """What one DDPO epoch sampled and how it was scored (``DDPOModule.last_update``, for callbacks).
 
     Attributes:
-        rewards: ``[W * B]`` rewards of all processes, in rank order.
-        advantages: ``[W * B]`` advantages of all processes (``None`` if the update was skipped).
+        rewards: ``[W * B]`` rewards of all processes, in rank order (non-finite ones included).
+        advantages: ``[W * B]`` advantages of all processes, NaN for the dropped samples (``None`` if
+            the update was skipped).
         prompt_ids: ``[W * B]`` prompt ids of all processes.
         images: ``[B, 3, H, W]`` this process's images.
         prompts: this process's ``B`` prompts.
@@ -53,6 +59,56 @@ class EpochSamples:
     prompt_ids: Tensor
     images: Tensor
     prompts: list[str]
+
+
+def check_ddpo_arguments(
+    num_steps: int,
+    eta: float,
+    guidance_scale: float,
+    timestep_fraction: float,
+    clip_range: float,
+    adv_clip_max: float,
+    max_grad_norm: float | None,
+    trust_region: str,
+    kl_threshold: float,
+    rollback_coef: float,
+    kl_reference_coef: float,
+    sample_grid_every_n_epochs: int,
+) -> None:
+    """Reject DDPO settings that could only fail (or silently do nothing) later, naming the fix.
+
+    Example:
+        >>> check_ddpo_arguments(20, 0.0, 5.0, 1.0, 1e-4, 5.0, 1.0, "clip", 1e-4, 10.0, 0.0, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: eta=0.0; expected 0 < eta <= 1 (eta = 0 is deterministic DDIM: its steps have no log-prob)
+    """
+    check_positive_ints(num_steps=num_steps)
+    checks = [
+        (
+            0.0 < eta <= 1.0,
+            f"eta={eta}; expected 0 < eta <= 1 (eta = 0 is deterministic DDIM: its steps have no log-prob)",
+        ),
+        (guidance_scale >= 0, f"guidance_scale={guidance_scale}; expected >= 0 (1 disables guidance)"),
+        (0.0 < timestep_fraction <= 1.0, f"timestep_fraction={timestep_fraction}; expected 0 < fraction <= 1"),
+        (clip_range > 0, f"clip_range={clip_range}; expected a positive PPO clip range such as 1e-4"),
+        (adv_clip_max > 0, f"adv_clip_max={adv_clip_max}; expected a positive advantage bound such as 5"),
+        (
+            max_grad_norm is None or max_grad_norm > 0,
+            f"max_grad_norm={max_grad_norm}; expected a positive norm, or null to disable clipping",
+        ),
+        (trust_region in ("clip", "truly"), f"trust_region={trust_region!r}; expected 'clip' or 'truly'"),
+        (kl_threshold > 0, f"kl_threshold={kl_threshold}; expected a positive trust-region radius"),
+        (rollback_coef >= 0, f"rollback_coef={rollback_coef}; expected >= 0"),
+        (kl_reference_coef >= 0, f"kl_reference_coef={kl_reference_coef}; expected >= 0 (0 disables the KL)"),
+        (
+            isinstance(sample_grid_every_n_epochs, int) and sample_grid_every_n_epochs >= 0,
+            f"sample_grid_every_n_epochs={sample_grid_every_n_epochs!r}; expected an integer >= 0 (0 disables)",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 def ddpo_adamw(params: Any) -> torch.optim.Optimizer:
@@ -97,6 +153,8 @@ class DDPOModule(GenerationModule):
         save_trained_on_end: write the trained LoRA/UNet to ``<log_dir>/trained`` after fit.
         checkpoint_trainable_only: checkpoints hold only trainable weights (the frozen base model
             is reloaded from its source).
+        max_consecutive_skips: optimiser steps skipped in a row (non-finite gradients, or an epoch
+            with no finite reward) after which the run stops with an error.
         evaluation: FID / precision-recall / attribute-KL of validation samples against a
             reference set (``None``: only the mean reward is validated).
     """
@@ -129,18 +187,29 @@ class DDPOModule(GenerationModule):
         sample_grid_every_n_epochs: int = 1,
         save_trained_on_end: bool = True,
         checkpoint_trainable_only: bool = True,
+        max_consecutive_skips: int = 3,
         evaluation: GenerationMetrics | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 < timestep_fraction <= 1.0:
-            raise ValueError(f"timestep_fraction={timestep_fraction}; expected 0 < fraction <= 1")
+        check_ddpo_arguments(
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            timestep_fraction=timestep_fraction,
+            clip_range=clip_range,
+            adv_clip_max=adv_clip_max,
+            max_grad_norm=max_grad_norm,
+            trust_region=trust_region,
+            kl_threshold=kl_threshold,
+            rollback_coef=rollback_coef,
+            kl_reference_coef=kl_reference_coef,
+            sample_grid_every_n_epochs=sample_grid_every_n_epochs,
+        )
         check_positive_ints(
             train_batch_size=train_batch_size,
             num_inner_epochs=num_inner_epochs,
             gradient_accumulation_steps=gradient_accumulation_steps,
         )
-        if trust_region not in ("clip", "truly"):
-            raise ValueError(f"trust_region={trust_region!r}; expected 'clip' or 'truly'")
         self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "lr_scheduler", "evaluation"])
         self.keep_step_means = trust_region == "truly"
         self.evaluation = evaluation
@@ -151,6 +220,8 @@ class DDPOModule(GenerationModule):
         self.tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
         self._epoch_samples: list[tuple[Trajectory, Tensor]] = []
         self.skipped_epochs = 0
+        self.dropped_samples = 0
+        self.guard = NonFiniteGuard(max_consecutive_skips, "DDPO")
         self.last_update: EpochSamples | None = None
         self.reward_history: list[Tensor] = []
 
@@ -180,25 +251,32 @@ class DDPOModule(GenerationModule):
             self.update(trajectory, torch.cat([r for _, r in samples]))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the tracker's buffers; drop frozen weights when ``checkpoint_trainable_only``."""
+        """Save the tracker's buffers and fault counters; drop frozen weights when ``checkpoint_trainable_only``.
+
+        Non-finite weights are never written (``FloatingPointError``).
+        """
         checkpoint["stat_tracker"] = self.tracker.state_dict()
         checkpoint["skipped_epochs"] = self.skipped_epochs
+        checkpoint["fault_counters"] = {**self.guard.state_dict(), "dropped_samples": self.dropped_samples}
         if self.hparams.checkpoint_trainable_only:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        check_finite_state(checkpoint["state_dict"], "checkpoint")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the tracker's buffers."""
+        """Check the checkpoint holds every trainable weight (and nothing else); restore the tracker."""
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
+        check_checkpoint_keys(checkpoint.get("state_dict", {}), trainable, self.state_dict().keys())
         if "stat_tracker" in checkpoint:
             self.tracker.load_state_dict(checkpoint["stat_tracker"])
         self.skipped_epochs = checkpoint.get("skipped_epochs", 0)
+        counters = checkpoint.get("fault_counters", {})
+        self.guard.load_state_dict(counters)
+        self.dropped_samples = int(counters.get("dropped_samples", 0))
 
     def on_train_end(self) -> None:
-        """Write the trained weights in diffusers format to ``<log_dir>/trained``."""
-        if self.hparams.save_trained_on_end:
-            directory = Path(self._log_dir()) / "trained"  # every rank: log_dir is a collective call
-            if self.trainer.is_global_zero:
-                self.policy.save_trained(directory)
+        """Write the trained weights in diffusers format to ``<log_dir>/trained`` (never non-finite ones)."""
+        self.write_trained()
 
     # ------------------------------------------------------------------ sampling and rewards
     @torch.no_grad()
@@ -223,49 +301,102 @@ class DDPOModule(GenerationModule):
         gathered = self.all_gather(tensor)
         return gathered.flatten() if self.trainer.world_size > 1 else gathered
 
+    def advantages(self, prompt_ids: Tensor, rewards: Tensor) -> Tensor:
+        """Advantages ``[N]`` of finite rewards ``[N]`` (per-prompt, batch-normalised or centred)."""
+        if self.hparams.per_prompt_stat_tracking:
+            return self.tracker.update(prompt_ids.tolist(), rewards)
+        if self.hparams.scale_advantages:
+            return batch_advantages(rewards)
+        return rewards - rewards.mean()
+
     def update(self, trajectory: Trajectory, rewards: Tensor) -> None:
-        """Advantages from the epoch's rewards, then ``num_inner_epochs`` of PPO updates."""
+        """Advantages from the epoch's finite rewards, then ``num_inner_epochs`` of PPO updates.
+
+        Samples whose reward is NaN or infinite (e.g. images a diverged policy drew as NaN) are
+        dropped: they take no part in the advantage statistics and are not trained on. An epoch
+        with no finite reward is skipped and counts as a skipped step of :attr:`guard`.
+        """
         all_rewards = self._gather(rewards)
         all_ids = self._gather(trajectory.prompt_ids)
         self.last_update = EpochSamples(all_rewards, None, all_ids, trajectory.images, trajectory.prompts)
-        if not torch.isfinite(all_rewards).all():
-            # A NaN/inf reward would poison the advantages of every sample: skip the update.
+        finite = torch.isfinite(all_rewards)
+        dropped = int((~finite).sum())
+        self.dropped_samples += dropped
+        local = finite.view(self.trainer.world_size, -1)
+        if not local.any(dim=1).all():
+            # No finite reward (on some process): nothing to learn from this epoch.
             self.skipped_epochs += 1
-            self.log("train/skipped_epochs", float(self.skipped_epochs))
+            self.log_dict({"train/skipped_epochs": float(self.skipped_epochs), "train/dropped_samples": float(dropped)})
+            self.guard.record_skip(
+                f"epoch {self.current_epoch}: {dropped} of {len(all_rewards)} rewards are not finite",
+                "Check the reward for NaN, and lower the learning rate if the images became NaN.",
+            )
             return
-        if self.hparams.per_prompt_stat_tracking:
-            all_advantages = self.tracker.update(all_ids.tolist(), all_rewards)
-        elif self.hparams.scale_advantages:
-            all_advantages = batch_advantages(all_rewards)
-        else:
-            all_advantages = all_rewards - all_rewards.mean()
+        if dropped:
+            log.warning(
+                "DDPO epoch %d: dropped %d of %d samples with a non-finite reward (%d dropped in all)",
+                self.current_epoch,
+                dropped,
+                len(all_rewards),
+                self.dropped_samples,
+            )
+        all_advantages = torch.full_like(all_rewards, float("nan"))
+        all_advantages[finite] = self.advantages(all_ids[finite], all_rewards[finite])
         self.last_update.advantages = all_advantages
-        self.reward_history.append(all_rewards.mean().detach().cpu())
+        kept_rewards = all_rewards[finite]
+        self.reward_history.append(kept_rewards.mean().detach().cpu())
         advantages = all_advantages.view(self.trainer.world_size, -1)[self.global_rank]
-        stats = [self._inner_epoch(trajectory, advantages, k) for k in range(self.hparams.num_inner_epochs)]
+        keep, weights = self._kept_rows(local)
+        if keep is not None:
+            trajectory, advantages = trajectory.select(keep), advantages[keep.to(advantages.device)]
+        stats = [self._inner_epoch(trajectory, advantages, k, weights) for k in range(self.hparams.num_inner_epochs)]
         self.log_dict(
             {
-                "train/reward_mean": all_rewards.mean(),
-                "train/reward_std": all_rewards.std(unbiased=False),
+                "train/reward_mean": kept_rewards.mean(),
+                "train/reward_std": kept_rewards.std(unbiased=False),
                 "train/skipped_epochs": float(self.skipped_epochs),
+                "train/skipped_steps": float(self.guard.skipped_steps),
+                "train/dropped_samples": float(dropped),
                 **{key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]},
             },
             prog_bar=False,
         )
-        self.log("reward", all_rewards.mean(), prog_bar=True, logger=False)
-        self._maybe_save_grid(trajectory)
+        self.log("reward", kept_rewards.mean(), prog_bar=True, logger=False)
+        self._maybe_save_grid(trajectory, kept_rewards)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             self.log("train/lr", scheduler.get_last_lr()[0])
             scheduler.step()
 
-    def _inner_epoch(self, trajectory: Trajectory, advantages: Tensor, inner: int) -> dict[str, Tensor]:
-        """One pass over shuffled samples and shuffled timesteps; returns mean statistics."""
+    def _kept_rows(self, finite: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """This process's rows to train on, and their loss weights, given ``finite [W, B]``.
+
+        ``(None, None)`` when every sample is kept. On one process the kept rows are the finite
+        ones. Under DDP every process must run the same number of backward passes, so each pads
+        its finite rows up to the largest count of any process with repeats of its own finite rows
+        of weight 0 (they add nothing to the gradient).
+        """
+        if bool(finite.all()):
+            return None, None
+        rows = torch.nonzero(finite[self.global_rank].cpu()).flatten()
+        target = int(finite.sum(dim=1).max())
+        padding = rows[torch.arange(target - len(rows)) % len(rows)]
+        weights = torch.cat([torch.ones(len(rows)), torch.zeros(len(padding))])
+        return torch.cat([rows, padding]), weights
+
+    def _inner_epoch(
+        self, trajectory: Trajectory, advantages: Tensor, inner: int, weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """One pass over shuffled samples and shuffled timesteps; returns mean statistics.
+
+        ``weights`` (``[B]``, 1 or 0) marks padding rows (see :meth:`_kept_rows`) left out of the loss.
+        """
         hp = self.hparams
         generator = torch.Generator().manual_seed(derive_seed(self.current_epoch, inner, self.global_rank))
         num_samples, num_steps = len(trajectory), trajectory.num_steps
         order = torch.randperm(num_samples, generator=generator)
         trajectory, advantages = trajectory.select(order), advantages[order.to(advantages.device)]
+        weights = weights[order] if weights is not None else None
         # Each sample gets its own random order of timesteps (as in ddpo-pytorch).
         step_order = torch.argsort(torch.rand(num_samples, num_steps, generator=generator), dim=1)
         train_steps = max(1, math.ceil(num_steps * hp.timestep_fraction))
@@ -279,7 +410,10 @@ class DDPOModule(GenerationModule):
                 last_backward = window_end and j + 1 == train_steps
                 with self._gradient_sync(last_backward):
                     out, extra = self._step_loss(
-                        trajectory.select(rows), advantages[rows.to(advantages.device)], step_order[rows, j]
+                        trajectory.select(rows),
+                        advantages[rows.to(advantages.device)],
+                        step_order[rows, j],
+                        weights[rows] if weights is not None else None,
                     )
                     loss = out.loss + extra.get("train/kl_reference_loss", 0.0)
                     self.manual_backward(loss / (train_steps * hp.gradient_accumulation_steps))
@@ -291,19 +425,46 @@ class DDPOModule(GenerationModule):
                 }.items():
                     totals.setdefault(key, []).append(value.detach())
             if window_end:
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                self._optimizer_step(optimizer)
         return {key: torch.stack(values).mean() for key, values in totals.items()}
 
+    def _optimizer_step(self, optimizer: Any) -> None:
+        """Clip and apply the accumulated gradients, unless they are not finite (then skip and count)."""
+        hp = self.hparams
+        fix = "Lower the learning rate (or set max_grad_norm)."
+        if self.guard.check_gradients(self.policy.trainable_parameters(), fix):
+            if hp.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            if not all_finite(self.policy.trainable_parameters()):
+                raise FloatingPointError(
+                    f"DDPO epoch {self.current_epoch}: the optimiser step made the weights non-finite from finite "
+                    "gradients; the learning rate is far too large. Lower it."
+                )
+        else:
+            self.log("train/skipped_steps", float(self.guard.skipped_steps))
+        optimizer.zero_grad(set_to_none=True)
+
     def _step_loss(
-        self, trajectory: Trajectory, advantages: Tensor, step: Tensor
+        self, trajectory: Trajectory, advantages: Tensor, step: Tensor, weights: Tensor | None = None
     ) -> tuple[PolicyLoss, dict[str, Tensor]]:
-        """Policy loss of one stored step per sample (and the optional reference KL)."""
+        """Policy loss of one stored step per sample (and the optional reference KL).
+
+        With ``weights`` (1 or 0 per sample) only the weight-1 samples enter the loss; a batch of
+        weight-0 samples gives a zero loss that still runs backward (for DDP's gradient sync).
+        """
         hp = self.hparams
         guidance = hp.guidance_scale if hp.cfg_during_training else 1.0
         log_prob, dist = self.policy.step_log_prob(trajectory, step, hp.eta, guidance)
+        if weights is not None:
+            kept = torch.nonzero(weights > 0).flatten()
+            if len(kept) == 0:
+                zero = 0.0 * log_prob.sum()
+                return PolicyLoss(zero, torch.ones_like(log_prob), zero.detach(), zero.detach()), {}
+            on_device = kept.to(log_prob.device)
+            trajectory, advantages, step = trajectory.select(kept), advantages[on_device], step[kept]
+            log_prob = log_prob[on_device]
+            dist = type(dist)(*(value[on_device] if value.shape[0] == len(weights) else value for value in dist))
         rows = torch.arange(len(trajectory), device=log_prob.device)
         step = step.to(log_prob.device)
         old_log_prob = trajectory.log_probs[rows, step]
@@ -341,22 +502,21 @@ class DDPOModule(GenerationModule):
                 yield
 
     # ------------------------------------------------------------------ outputs
-    def _log_dir(self) -> str:
-        """The run's log directory (a collective call under DDP: every rank must call it)."""
-        return self.trainer.log_dir or self.trainer.default_root_dir
-
-    def _maybe_save_grid(self, trajectory: Trajectory) -> None:
+    def _maybe_save_grid(self, trajectory: Trajectory, rewards: Tensor) -> None:
         every = self.hparams.sample_grid_every_n_epochs
         if not every or self.current_epoch % every:
             return
         path = Path(self._log_dir()) / "samples" / f"epoch_{self.current_epoch:04d}.png"  # collective
         if not self.trainer.is_global_zero:
             return
-        from torchvision.utils import save_image
-
-        path.parent.mkdir(parents=True, exist_ok=True)
         images = trajectory.images[:16].float().cpu()
-        save_image(images, path, nrow=max(1, int(math.sqrt(len(images)))))
+        prompts = list(dict.fromkeys(trajectory.prompts[:16]))
+        shown = "; ".join(f'"{p}"' for p in prompts[:3]) + (f" and {len(prompts) - 3} more" if len(prompts) > 3 else "")
+        caption = (
+            f"DDPO epoch {self.current_epoch}: {len(images)} samples, mean reward {float(rewards.nanmean()):+.4f}"
+            f"\n{shown}"
+        )
+        save_captioned_grid(images, path, caption)
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_images"):  # TensorBoard
             experiment.add_images("train/samples", images, self.current_epoch)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from lightning_sdrl.data.sampling import PromptBatch
+from lightning_sdrl.modules.guards import check_finite_state
 from lightning_sdrl.policies.base import Trajectory
 from lightning_sdrl.rewards.base import check_reward_output
 
@@ -14,13 +17,32 @@ from lightning_sdrl.rewards.base import check_reward_output
 class GenerationModule(pl.LightningModule):
     """Base of the fine-tuning modules: ``self.policy``, ``self.reward``, optional ``self.evaluation``.
 
-    Subclasses save ``num_steps``, ``eta`` and ``guidance_scale`` as hyper-parameters.
+    Subclasses save ``num_steps``, ``eta``, ``guidance_scale`` and ``save_trained_on_end`` as
+    hyper-parameters.
     Validation samples every batch with its fixed seed, logs ``val/reward_mean`` and, with an
     ``evaluation`` (:class:`~lightning_sdrl.metrics.generation.GenerationMetrics`), ``val/fid``,
     ``val/precision``, ``val/recall`` and ``val/attribute_kl``.
     """
 
     keep_step_means = False
+
+    def _log_dir(self) -> str:
+        """The run's log directory (a collective call under DDP: every rank must call it)."""
+        return self.trainer.log_dir or self.trainer.default_root_dir
+
+    def write_trained(self) -> Path | None:
+        """With ``save_trained_on_end``, write the trained LoRA (or UNet) to ``<log_dir>/trained``.
+
+        Load it back with ``policy.load_trained(<log_dir>/trained)``. Non-finite weights are never
+        written (``FloatingPointError``).
+        """
+        if not self.hparams.get("save_trained_on_end", False):
+            return None
+        directory = Path(self._log_dir()) / "trained"  # every rank: log_dir is a collective call
+        if self.trainer.is_global_zero:
+            check_finite_state(dict(self.policy.named_parameters()), f"the trained weights to {directory}")
+            self.policy.save_trained(directory)
+        return directory
 
     @torch.no_grad()
     def sample(self, batch: PromptBatch) -> Trajectory:

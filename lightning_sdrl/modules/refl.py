@@ -26,8 +26,10 @@ from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.functional.ddim import gaussian_kl_same_std, sample_step
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
+from lightning_sdrl.modules.guards import NonFiniteGuard, check_checkpoint_keys, check_finite_state
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.rewards.base import check_reward_output
+from lightning_sdrl.validation import check_positive_ints
 
 
 def refl_adamw(params: Any) -> torch.optim.Optimizer:
@@ -51,6 +53,9 @@ class ReFLModule(GenerationModule):
         kl_weight: ``beta`` of eq. (5) (0.01 in the seed).
         truncated_backprop_steps: ``K`` for DRaFT-K / AlignProp (gradients through the last ``K``
             steps, final sample scored); ``None`` is ReFL.
+        max_consecutive_skips: optimiser steps skipped in a row (non-finite loss or gradients)
+            after which the run stops with an error.
+        save_trained_on_end: write the trained LoRA/UNet to ``<log_dir>/trained`` after fit.
         evaluation: FID / precision-recall / attribute-KL of validation samples against a
             reference set (``None``: only the mean reward is validated).
     """
@@ -67,9 +72,18 @@ class ReFLModule(GenerationModule):
         reward_weight: float = 100.0,
         kl_weight: float = 0.01,
         truncated_backprop_steps: int | None = None,
+        max_consecutive_skips: int = 3,
+        save_trained_on_end: bool = True,
         evaluation: GenerationMetrics | None = None,
     ) -> None:
         super().__init__()
+        check_positive_ints(num_steps=num_steps)
+        if not 0.0 < eta <= 1.0:
+            raise ValueError(f"eta={eta}; expected 0 < eta <= 1 (the KL term needs sigma_t > 0)")
+        if reward_weight <= 0 or kl_weight < 0:
+            raise ValueError(
+                f"reward_weight={reward_weight}, kl_weight={kl_weight}; expected reward_weight > 0 and kl_weight >= 0"
+            )
         low, high = grad_step_range
         if not 0 <= low < high <= num_steps:
             raise ValueError(
@@ -82,6 +96,9 @@ class ReFLModule(GenerationModule):
         self.evaluation = evaluation
         self.policy, self.reward, self.optimizer_factory = policy, reward, optimizer
         self.strict_loading = False
+        self.guard = NonFiniteGuard(max_consecutive_skips, "ReFL")
+        self.reward_history: list[Tensor] = []
+        self._epoch_rewards: list[Tensor] = []
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The optimiser over the policy's trainable parameters."""
@@ -139,17 +156,38 @@ class ReFLModule(GenerationModule):
         return {"loss": loss, "reward": rewards.detach().mean(), "kl": kl.detach(), "grad_step": torch.tensor(start)}
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
-        """One ReFL update's loss."""
+        """One ReFL update's loss (a non-finite one gives non-finite gradients: the step is skipped)."""
         out = self.refl_loss(batch)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(
-                f"ReFL loss is {out['loss'].item()} (reward {out['reward'].item()}); check the reward for NaN"
-            )
         self.log_dict({f"train/{k}": v.float() for k, v in out.items()}, batch_size=len(batch))
         self.log("reward", out["reward"], prog_bar=True, logger=False, batch_size=len(batch))
+        self._epoch_rewards.append(out["reward"].float())
+        if batch_idx + 1 >= self.trainer.num_training_batches:
+            # the epoch's mean training reward over all processes (callbacks read it at epoch end)
+            rewards = self.all_gather(torch.stack(self._epoch_rewards)).float()
+            self.reward_history.append(rewards.nanmean().detach().cpu())
+            self._epoch_rewards = []
         return out["loss"]
 
+    def on_train_end(self) -> None:
+        """Write the trained weights in diffusers format to ``<log_dir>/trained`` (never non-finite ones)."""
+        self.write_trained()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip (and count) a step whose gradients are not finite; stop after too many in a row."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        fix = "Check the reward for NaN and lower the learning rate (or reward_weight)."
+        if not self.guard.check_gradients(params, fix):
+            self.log("train/skipped_steps", float(self.guard.skipped_steps))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints hold only the trainable weights (the base model reloads from its source)."""
+        """Checkpoints hold only the (finite) trainable weights; the base model reloads from its source."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["fault_counters"] = self.guard.state_dict()
+        check_finite_state(checkpoint["state_dict"], "checkpoint")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint holds every trainable weight (and nothing else)."""
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
+        check_checkpoint_keys(checkpoint.get("state_dict", {}), trainable, self.state_dict().keys())
+        self.guard.load_state_dict(checkpoint.get("fault_counters", {}))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_sdrl.data.imagereward_db import PreferenceBatch
 from lightning_sdrl.functional.preference import pairwise_loss, preference_accuracy
+from lightning_sdrl.modules.guards import NonFiniteGuard, check_finite_state
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder, RewardHead, save_reward_head
 
 
@@ -43,6 +44,8 @@ class RewardModelModule(pl.LightningModule):
             ``config()`` for export), e.g.
             :class:`~lightning_sdrl.rewards.digits_embedder.DigitsEmbedder` for the digits default;
             replaces the CLIP named by ``clip_model_name`` / ``clip_pretrained``.
+        max_consecutive_skips: optimiser steps skipped in a row (non-finite gradients) after which
+            the run stops with an error.
     """
 
     def __init__(
@@ -57,9 +60,11 @@ class RewardModelModule(pl.LightningModule):
         weight_decay: float = 0.0,
         export_dir: str | None = None,
         embedder: nn.Module | None = None,
+        max_consecutive_skips: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["embedder"])
+        self.guard = NonFiniteGuard(max_consecutive_skips, "reward model")
         self.embedder = CLIPEmbedder(clip_model_name, pretrained=clip_pretrained) if embedder is None else embedder
         self.head = RewardHead(self.embedder.embed_dim, hidden_sizes, dropout)
 
@@ -99,16 +104,25 @@ class RewardModelModule(pl.LightningModule):
             weight_decay=hp.weight_decay,
         )
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip (and count) a step whose gradients are not finite; stop after too many in a row."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not self.guard.check_gradients(params, "Lower the learning rate; check the embeddings for NaN."):
+            self.log("train/skipped_steps", float(self.guard.skipped_steps))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen CLIP out of checkpoints; it is rebuilt from ``clip_pretrained``."""
+        """Leave the frozen CLIP out of checkpoints (rebuilt from ``clip_pretrained``); refuse non-finite weights."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("embedder.")]:
             del state[key]
+        checkpoint["fault_counters"] = self.guard.state_dict()
+        check_finite_state(state, "checkpoint")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put this module's CLIP weights back so the checkpoint loads strictly."""
         embedder_state = {f"embedder.{k}": v for k, v in self.embedder.state_dict().items()}
         checkpoint["state_dict"] = {**embedder_state, **checkpoint["state_dict"]}
+        self.guard.load_state_dict(checkpoint.get("fault_counters", {}))
 
     @torch.no_grad()
     def export(self, directory: str | Path, image_embeds: Tensor, text_embeds: Tensor) -> None:
@@ -126,10 +140,9 @@ class RewardModelModule(pl.LightningModule):
         self.head.eval()
         scores = self.head(image_embeds.to(self.device), text_embeds.to(self.device))
         self.head.train(was_training)
+        check_finite_state(dict(self.head.named_parameters()), f"the reward head to {directory}")
         if scores.numel() < 2:
-            raise ValueError(
-                f"got {scores.numel()} training image(s); expected at least 2 for the score std"
-            )
+            raise ValueError(f"got {scores.numel()} training image(s); expected at least 2 for the score std")
         save_reward_head(directory, self.head, self.embedder, scores.mean().item(), scores.std().item())
 
     def on_train_end(self) -> None:
@@ -153,8 +166,6 @@ class RewardModelModule(pl.LightningModule):
         if best:
             # our own checkpoint from this run, with Lightning's non-tensor entries
             state = torch.load(best, map_location=self.device, weights_only=False)["state_dict"]
-            self.head.load_state_dict(
-                {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-            )
+            self.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
         if self.trainer.is_global_zero:
             self.export(self.hparams.export_dir, *datamodule.image_text_embeddings("train"))

@@ -7,7 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_two_process_ddp_gloo(tmp_path):
+def ddp_fit(tmp_path, reward):
+    """Fit the tiny config for 2 epochs on 2 gloo processes; returns the records directory."""
     records = tmp_path / "records"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
@@ -23,12 +24,17 @@ def test_two_process_ddp_gloo(tmp_path):
         "--trainer.max_epochs=2",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
-        "--model.init_args.reward=tests.helpers.BatchRankReward",
+        f"--model.init_args.reward={reward}",
         "--trainer.callbacks+=tests.helpers.RecordUpdates",
         f"--trainer.callbacks.out_dir={records}",
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    return records, result
+
+
+def test_two_process_ddp_gloo(tmp_path):
+    records, _ = ddp_fit(tmp_path, "tests.helpers.BatchRankReward")
     for epoch in range(2):
         rank0 = json.loads((records / f"rank0_epoch{epoch}.json").read_text())
         rank1 = json.loads((records / f"rank1_epoch{epoch}.json").read_text())
@@ -36,3 +42,17 @@ def test_two_process_ddp_gloo(tmp_path):
         assert rank0["advantages"] == rank1["advantages"]  # ... and all ranks saw the same advantages
         assert len(rank0["advantages"]) == 2 * len(rank0["sample_sums"])
         assert set(rank0["reward_seen"]) == {2 * 4}  # the batch-level reward saw both ranks' batches
+
+
+def test_ddp_drops_a_nan_sample_of_one_process_and_keeps_the_processes_in_step(tmp_path):
+    """Process 0 has one NaN reward per epoch: it trains on 7 samples, process 1 on 8, in lockstep."""
+    records, result = ddp_fit(tmp_path, "tests.helpers.NaNOnRankZeroReward")
+    assert "dropped 1 of 16 samples with a non-finite reward" in result.stderr
+    for epoch in range(2):
+        rank0 = json.loads((records / f"rank0_epoch{epoch}.json").read_text())
+        rank1 = json.loads((records / f"rank1_epoch{epoch}.json").read_text())
+        advantages = [str(a) for a in rank0["advantages"]]
+        assert advantages == [str(a) for a in rank1["advantages"]]
+        assert advantages.count("nan") == 1
+        assert rank0["trainable_sum"] == rank1["trainable_sum"]  # one all-reduced update on both
+    assert rank0["trainable_sum"] != json.loads((records / "rank0_epoch0.json").read_text())["trainable_sum"]
