@@ -29,8 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "lightning_sdrl" / "assets" / "digits" / "diffusion_report.json"
 DOCS = ROOT / "docs" / "digits_model.md"
 TINY = PixelTextToImageArchitecture(
-    block_out_channels=(8, 16), layers_per_block=(1, 1), cross_attention_levels=(False, True),
-    attention_heads=2, text_hidden_size=16, text_layers=1, text_heads=2, text_intermediate_size=32, max_length=24,
+    block_out_channels=(8, 16),
+    layers_per_block=(1, 1),
+    cross_attention_levels=(False, True),
+    attention_heads=2,
+    text_hidden_size=16,
+    text_layers=1,
+    text_heads=2,
+    text_intermediate_size=32,
+    max_length=24,
 )
 
 
@@ -46,8 +53,15 @@ def shipped():
 
 def tiny_trainer(tmp_path, **kwargs):
     options = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     return pl.Trainer(**{**options, **kwargs})
 
@@ -72,13 +86,21 @@ def test_forward_diffusion_is_eq_4_of_ddpm():
     alpha = scheduler.alphas_cumprod[noised.timesteps].view(-1, 1, 1, 1)
     expected = alpha.sqrt() * images + (1 - alpha).sqrt() * noised.noise
     torch.testing.assert_close(noised.noisy, expected)
-    assert noised.timesteps.min() >= 0 and noised.timesteps.max() < 1000
+    # t ~ Uniform{0, ..., 999} and eps ~ N(0, I): the moments of a large seeded draw (3 standard errors)
+    many = forward_diffusion(scheduler, torch.zeros(4000, 1, 1, 1), torch.Generator().manual_seed(1))
+    assert abs(many.timesteps.double().mean() - 499.5) < 3 * 288.7 / 4000**0.5
+    assert many.timesteps.min() < 5 and many.timesteps.max() > 994
+    assert abs(many.noise.mean()) < 3 / 4000**0.5 and abs(many.noise.std() - 1) < 3 / (2 * 4000) ** 0.5
 
 
 def test_schedule_is_cosine_ddim_without_alpha_to_one():
     config = pixel_text_to_image_components(TINY).scheduler.config
     assert (config.beta_schedule, config.set_alpha_to_one, config.prediction_type, config.clip_sample) == (
-        "squaredcos_cap_v2", False, "epsilon", True)
+        "squaredcos_cap_v2",
+        False,
+        "epsilon",
+        True,
+    )
 
 
 def test_caption_dropout_and_lr_schedule():
@@ -99,9 +121,19 @@ def test_evaluate_classes_counts_none_below_threshold():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"layers_per_block": (1,)}, "layers_per_block"), ({"norm_num_groups": 3}, "norm_num_groups=3"),
-     ({"sample_size": 6, "block_out_channels": (8, 8, 8), "layers_per_block": (1, 1, 1),
-       "cross_attention_levels": (False, False, True)}, "sample_size=6")],
+    [
+        ({"layers_per_block": (1,)}, "layers_per_block"),
+        ({"norm_num_groups": 3}, "norm_num_groups=3"),
+        (
+            {
+                "sample_size": 6,
+                "block_out_channels": (8, 8, 8),
+                "layers_per_block": (1, 1, 1),
+                "cross_attention_levels": (False, False, True),
+            },
+            "sample_size=6",
+        ),
+    ],
 )
 def test_architecture_errors_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -138,11 +170,24 @@ def test_text_encoder_trains_with_the_unet(tmp_path):
     assert all(not p.requires_grad for p in module.classifier.parameters())
 
 
-def test_validation_logs_digit_agreement(tmp_path):
-    module = DiffusionPretrainModule(TINY, val_num_steps=2, export_dir=str(tmp_path / "export"))
-    data = DigitsCaptionDataModule(val_samples_per_prompt=1, val_batch_size=10)
+def test_validation_logs_digit_agreement(tmp_path, shipped):
+    # The shipped weights, so that most samples show their digit and a wrong label or seed would show.
+    module = DiffusionPretrainModule(val_num_steps=5, export_dir=str(tmp_path / "export"))
+    module.unet.load_state_dict(shipped.unet.state_dict())
+    module.text_encoder.load_state_dict(shipped.text_encoder.state_dict())
+    data = DigitsCaptionDataModule(val_samples_per_prompt=1, val_batch_size=5)
     metrics = tiny_trainer(tmp_path, limit_val_batches=None).validate(module, data, verbose=False)[0]
-    assert 0.0 <= metrics["val/digit_agreement"] <= 1.0 and 0.1 <= metrics["val/confidence"] <= 1.0
+    # by hand: sample each batch with its seed, classify, count "top probability >= 0.7 and the named digit"
+    classifier, agree, confidence = DigitClassifier.from_pretrained(), [], []
+    for batch in data.val_dataloader():
+        generator = torch.Generator().manual_seed(batch.seed)
+        images = shipped.sample(batch.prompts, num_steps=5, eta=1.0, guidance_scale=3.0, generator=generator).images
+        top, digit = classifier.predict_proba(images).max(dim=1)
+        agree.append(((top >= 0.7) & (digit == batch.prompt_ids)).double())
+        confidence.append(top.double())
+    assert len(agree) == 2 and torch.cat(agree).sum() >= 7  # 10 samples, chance is 1 in 10
+    assert metrics["val/digit_agreement"] == pytest.approx(torch.cat(agree).mean().item(), abs=1e-6)
+    assert metrics["val/confidence"] == pytest.approx(torch.cat(confidence).mean().item(), abs=1e-6)
 
 
 def test_invalid_module_arguments_are_named():
@@ -169,8 +214,14 @@ def test_shipped_model_reproduces_the_documented_small_sample(shipped, report):
     classifier = DigitClassifier.from_pretrained()
     for prompt in check["prompts"]:
         evaluation, images = sample_and_classify(
-            shipped, classifier, prompt, check["num_samples"], check["num_steps"],
-            report["settings"]["guidance_scale"], report["settings"]["eta"], check["seed"],
+            shipped,
+            classifier,
+            prompt,
+            check["num_samples"],
+            check["num_steps"],
+            report["settings"]["guidance_scale"],
+            report["settings"]["eta"],
+            check["seed"],
         )
         assert images.shape == (check["num_samples"], 3, 16, 16)
         for digit, share in check["class_shares"][prompt].items():  # same seeds: within 2 samples of 32
