@@ -25,7 +25,16 @@ from lightning_sdrl.functional.ddim import (
     gaussian_log_prob,
     sample_step,
 )
-from lightning_sdrl.policies.lora import LoRASettings, lora_disabled
+from lightning_sdrl.policies.loading import load_component
+from lightning_sdrl.policies.lora import (
+    LORA_WEIGHTS_FILE,
+    LoRASettings,
+    load_lora_weights,
+    lora_disabled,
+    read_lora_weights,
+    save_lora_weights,
+    settings_hint,
+)
 
 
 @dataclass
@@ -160,9 +169,7 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """Parameter dtype of the denoiser."""
         return next(self.unet.parameters()).dtype
 
-    def guided_prediction(
-        self, sample: Tensor, timesteps: Tensor, conditions: Tensor, guidance_scale: float
-    ) -> Tensor:
+    def guided_prediction(self, sample: Tensor, timesteps: Tensor, conditions: Tensor, guidance_scale: float) -> Tensor:
         """Denoiser output with classifier-free guidance, both branches in one denoiser call."""
         return self._guided(sample, timesteps, self._guidance_conditions(conditions, guidance_scale), guidance_scale)
 
@@ -338,6 +345,74 @@ class DiffusionPolicy(nn.Module, abc.ABC):
             self._reference_unet[0]._apply(fn, recurse)
         return result
 
-    @abc.abstractmethod
     def save_trained(self, directory: str | Path) -> Path:
-        """Save what training changed (LoRA weights or the full denoiser) in diffusers format."""
+        """Save what training changed, in diffusers format; :meth:`load_trained` reads it back.
+
+        With LoRA, ``directory/pytorch_lora_weights.safetensors``: the adapter weights under
+        peft's names prefixed ``unet.``, with the ``LoraConfig`` (rank, alpha) as metadata
+        (:mod:`~lightning_sdrl.policies.lora`). Under full fine-tuning, ``directory/unet/``
+        written by the denoiser's ``save_pretrained``.
+
+        Returns:
+            ``directory``.
+        """
+        directory = Path(directory)
+        if self.lora is None:
+            self.unet.save_pretrained(directory / "unet")
+        else:
+            save_lora_weights(self.unet, self.lora, directory)
+        return directory
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Load what :meth:`save_trained` wrote into this policy (built as the one that saved).
+
+        Every weight in the directory must land in this policy's denoiser, and every trained
+        weight of the denoiser must be in the directory: afterwards the policy computes what the
+        saving one did.
+
+        Args:
+            directory: output of :meth:`save_trained` of a policy of the same architecture and
+                the same ``lora`` settings (or ``lora=None`` for a fully fine-tuned ``unet/``).
+
+        Raises:
+            FileNotFoundError: ``directory`` or the file this policy's ``lora`` setting expects
+                is missing.
+            ValueError: the weights do not fit (other rank, alpha, target modules or model).
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"trained-weights directory '{directory}' does not exist; pass the directory written by save_trained"
+            )
+        has_lora, has_unet = (directory / LORA_WEIGHTS_FILE).is_file(), (directory / "unet").is_dir()
+        if self.lora is not None:
+            if has_unet and not has_lora:
+                raise FileNotFoundError(
+                    f"'{directory}' holds a fully fine-tuned denoiser (unet/) and no {LORA_WEIGHTS_FILE}; "
+                    "build the policy with lora=None to load it"
+                )
+            load_lora_weights(self.unet, self.lora, directory)
+        elif has_unet:
+            self._load_full_denoiser(directory / "unet")
+        elif has_lora:
+            _, metadata = read_lora_weights(directory / LORA_WEIGHTS_FILE)
+            raise FileNotFoundError(
+                f"'{directory}' holds LoRA weights ({LORA_WEIGHTS_FILE}) and no unet/ subfolder, but this policy "
+                f"has lora=None; build it with {settings_hint(metadata)} to load them"
+            )
+        else:
+            raise FileNotFoundError(
+                f"'{directory}' has neither {LORA_WEIGHTS_FILE} nor a unet/ subfolder; pass the directory "
+                "written by save_trained"
+            )
+
+    def _load_full_denoiser(self, path: Path) -> None:
+        """Copy the weights of the denoiser saved at ``path`` into ``self.unet`` (all keys must match)."""
+        saved = load_component(type(self.unet), str(path.parent), path.name)
+        try:
+            self.unet.load_state_dict(saved.state_dict(), strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"the denoiser in '{path}' does not fit this policy's {type(self.unet).__name__} ({error}); "
+                "load it into a policy of the architecture that saved it"
+            ) from error

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
-from peft import LoraConfig, set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lightning_sdrl.policies.base import DiffusionPolicy
@@ -22,7 +19,6 @@ from lightning_sdrl.policies.loading import check_source, load_component
 from lightning_sdrl.policies.lora import LoRASettings
 
 CLASS_NAMES_FILE = "class_names.json"
-LORA_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class ClassConditionalPolicy(DiffusionPolicy):
@@ -117,24 +113,11 @@ class ClassConditionalPolicy(DiffusionPolicy):
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
     def save_trained(self, directory: str | Path) -> Path:
-        """Save the LoRA adapter, or the full model via :meth:`save_pretrained`.
+        """Save the LoRA adapter as every policy does, or the full model via :meth:`save_pretrained`.
 
-        The adapter is in peft format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+        The full model (``unet/``, ``scheduler/``, ``class_names.json``) loads with
+        :meth:`from_pretrained` or, into a policy with ``lora=None``, with :meth:`load_trained`.
         """
-        directory = Path(directory)
         if self.lora is None:
             return self.save_pretrained(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.lora.config().save_pretrained(directory)
-        save_file(get_peft_model_state_dict(self.unet), directory / LORA_WEIGHTS_FILE)
-        return directory
-
-    def load_trained(self, directory: str | Path) -> None:
-        """Load LoRA weights written by :meth:`save_trained` into this policy's adapters."""
-        if self.lora is None:
-            raise ValueError("this policy has no LoRA adapters (lora=None); load a full model with from_pretrained")
-        path = Path(directory) / LORA_WEIGHTS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"'{path}' is missing; expected a directory written by save_trained")
-        LoraConfig.from_pretrained(str(directory))  # validates the adapter config is present
-        set_peft_model_state_dict(self.unet, load_file(path))
+        return super().save_trained(directory)

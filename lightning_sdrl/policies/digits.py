@@ -90,8 +90,7 @@ class PixelTextToImageArchitecture:
             )
         if self.sample_size % 2 ** (levels - 1):
             raise ValueError(
-                f"sample_size={self.sample_size} cannot be halved {levels - 1} times; "
-                "use a multiple of 2**(levels - 1)"
+                f"sample_size={self.sample_size} cannot be halved {levels - 1} times; use a multiple of 2**(levels - 1)"
             )
 
 
@@ -145,12 +144,19 @@ def pixel_text_to_image_components(
         norm_num_groups=arch.norm_num_groups,
     )
     text_encoder = _text_encoder(
-        len(tokenizer), arch.text_hidden_size, arch.text_layers, arch.text_heads,
-        arch.text_intermediate_size, arch.max_length,
+        len(tokenizer),
+        arch.text_hidden_size,
+        arch.text_layers,
+        arch.text_heads,
+        arch.text_intermediate_size,
+        arch.max_length,
     )
     return TextToImageComponents(
-        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=pixel_noise_scheduler(arch.beta_schedule), vae=None,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=pixel_noise_scheduler(arch.beta_schedule),
+        vae=None,
     )
 
 

@@ -1,14 +1,36 @@
-"""LoRA adapters on a denoiser through peft, and their export in diffusers format."""
+"""LoRA adapters on a denoiser through peft, and their export in diffusers format.
+
+The one file format, for every ``target_modules``: ``pytorch_lora_weights.safetensors`` holding
+peft's adapter weights under peft's names, each prefixed ``unet.``
+(``unet.mid_block.resnets.0.time_emb_proj.lora_A.weight``), with the adapter's ``LoraConfig``
+(rank, alpha, targets) as metadata. This is the layout diffusers itself writes and reads
+(``StableDiffusionPipeline.load_lora_weights``, ``unet.load_lora_adapter(..., prefix="unet")``).
+Converting the names to diffusers' older style is what not to do: that renames only attention
+projections, and a file mixing both styles is mis-loaded by diffusers, which guesses the style
+from the first key.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from peft import LoraConfig, inject_adapter_in_model
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import nn
+from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+LORA_WEIGHTS_FILE = LORA_WEIGHT_NAME_SAFE
+"""Name of the LoRA weights file in a ``save_trained`` directory (diffusers' default name)."""
+
+UNET_PREFIX = "unet"
+"""Prefix of every key of the LoRA file: the weights belong to the pipeline's ``unet``."""
 
 
 @dataclass
@@ -74,3 +96,100 @@ def lora_disabled(module: nn.Module) -> Iterator[None]:
             layer.enable_adapters(not was_disabled)
         for name, parameter in module.named_parameters():
             parameter.requires_grad_(trainable[name])
+
+
+def save_lora_weights(unet: nn.Module, settings: LoRASettings, directory: str | Path) -> Path:
+    """Write ``unet``'s adapters to ``directory/pytorch_lora_weights.safetensors`` (the format above).
+
+    Returns:
+        The path of the written file.
+    """
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        directory,
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=settings.config().to_dict(),
+    )
+    return Path(directory) / LORA_WEIGHTS_FILE
+
+
+def read_lora_weights(path: Path) -> tuple[dict[str, Tensor], dict | None]:
+    """The ``unet.`` weights of a LoRA file with the prefix removed, and its adapter metadata (if any).
+
+    Raises:
+        ValueError: the file cannot be read, or has keys without the ``unet.`` prefix.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            header = file.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"could not read the LoRA file '{path}' ({error}); re-save it with save_trained") from error
+    foreign = sorted(key for key in tensors if not key.startswith(f"{UNET_PREFIX}."))
+    if foreign:
+        raise ValueError(
+            f"LoRA file '{path}' has {len(foreign)} key(s) without the '{UNET_PREFIX}.' prefix (e.g. "
+            f"{foreign[0]!r}); expected UNet adapter weights as written by save_trained. Re-save the "
+            "adapter with save_trained"
+        )
+    weights = {key.removeprefix(f"{UNET_PREFIX}."): value for key, value in tensors.items()}
+    if LORA_ADAPTER_METADATA_KEY not in header:
+        return weights, None
+    packed = json.loads(header[LORA_ADAPTER_METADATA_KEY])
+    metadata = {
+        key.removeprefix(f"{UNET_PREFIX}."): v for key, v in packed.items() if key.startswith(f"{UNET_PREFIX}.")
+    }
+    return weights, metadata
+
+
+def settings_hint(metadata: dict | None) -> str:
+    """``LoRASettings(...)`` matching a file's metadata, for error messages."""
+    if metadata is None:
+        return "the LoRASettings it was trained with"
+    targets = sorted(metadata.get("target_modules") or [])
+    return f"lora=LoRASettings(rank={metadata.get('r')}, alpha={metadata.get('lora_alpha')}, target_modules={targets})"
+
+
+def load_lora_weights(unet: nn.Module, settings: LoRASettings, directory: str | Path) -> None:
+    """Load the adapter weights written by :func:`save_lora_weights` into ``unet``'s adapters.
+
+    ``unet`` must carry adapters made from ``settings`` (see :meth:`LoRASettings.apply`); the
+    file must fit them exactly: same rank and alpha (the update's scale ``alpha / rank``) and
+    one tensor of the right shape for every adapter weight, no more, no less.
+
+    Raises:
+        FileNotFoundError: ``directory`` has no LoRA weights file.
+        ValueError: the file does not fit the adapters; the message gives the settings it fits.
+    """
+    path = Path(directory) / LORA_WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"'{path}' does not exist; pass a directory written by save_trained of a policy with LoRA"
+        )
+    weights, metadata = read_lora_weights(path)
+    hint = settings_hint(metadata)
+    rank, alpha = settings.rank, settings.alpha if settings.alpha is not None else settings.rank
+    if metadata is not None and (metadata.get("r"), metadata.get("lora_alpha")) != (rank, alpha):
+        raise ValueError(
+            f"LoRA file '{path}' has rank={metadata.get('r')}, alpha={metadata.get('lora_alpha')} but this "
+            f"policy's adapters have rank={rank}, alpha={alpha}; build the policy with {hint}"
+        )
+    expected = get_peft_model_state_dict(unet)
+    unmatched = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(weights))
+    if unmatched or missing:
+        raise ValueError(
+            f"LoRA file '{path}' does not fit this policy's adapters (target_modules={settings.target_modules}): "
+            f"{len(unmatched)} of its {len(weights)} tensors match no adapter layer (e.g. {unmatched[:2]}) and "
+            f"{len(missing)} adapter weights are not in the file (e.g. {missing[:2]}); build the policy with {hint}"
+        )
+    wrong = [key for key in expected if weights[key].shape != expected[key].shape]
+    if wrong:
+        key = wrong[0]
+        raise ValueError(
+            f"LoRA file '{path}' has {key} of shape {list(weights[key].shape)} but this policy's adapter has "
+            f"{list(expected[key].shape)} (rank={rank}); build the policy with {hint}"
+        )
+    result = set_peft_model_state_dict(unet, weights)
+    unexpected = [key for key in result.unexpected_keys if "lora_" in key]
+    if unexpected:
+        raise ValueError(f"LoRA file '{path}': peft could not load {unexpected[:2]}; build the policy with {hint}")

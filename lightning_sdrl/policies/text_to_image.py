@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft.utils import get_peft_model_state_dict
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -135,24 +133,6 @@ class TextToImagePolicy(DiffusionPolicy):
             sample = self.vae.decode(sample.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         images = (sample.float() / 2 + 0.5).clamp(0, 1)
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-    def save_trained(self, directory: str | Path) -> Path:
-        """LoRA weights for ``StableDiffusionPipeline.load_lora_weights``, or the full UNet.
-
-        With LoRA the directory holds ``pytorch_lora_weights.safetensors`` (diffusers format,
-        with the adapter's rank and alpha as metadata); otherwise ``unet/`` in diffusers format.
-        """
-        directory = Path(directory)
-        if self.lora is None:
-            self.unet.save_pretrained(directory / "unet")
-            return directory
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        StableDiffusionPipeline.save_lora_weights(
-            directory,
-            unet_lora_layers=layers,
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
-        )
-        return directory
 
 
 class StableDiffusionPolicy(TextToImagePolicy):
