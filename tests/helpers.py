@@ -9,8 +9,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_sdrl.rewards.base import RewardModule
 
-class NaNOnceReward(nn.Module):
+
+class NaNOnceReward(RewardModule):
     """Brightness, except that the first call returns NaN for one image."""
 
     def __init__(self) -> None:
@@ -25,12 +27,12 @@ class NaNOnceReward(nn.Module):
         return rewards
 
 
-class WrongShapeReward(nn.Module):
+class WrongShapeReward(RewardModule):
     def forward(self, images, prompts, **metadata):
         return images.mean(dim=(1, 2, 3)).unsqueeze(1)
 
 
-class BatchRankReward(nn.Module):
+class BatchRankReward(RewardModule):
     """A batch-level reward that records how many images it saw."""
 
     batch_level = True
@@ -44,7 +46,7 @@ class BatchRankReward(nn.Module):
         return images.mean(dim=(1, 2, 3))
 
 
-class NaNOnRankZeroReward(nn.Module):
+class NaNOnRankZeroReward(RewardModule):
     """Brightness, except that process 0's first image of every epoch's first batch scores NaN."""
 
     def __init__(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_sdrl.data.sampling import PromptBatch, derive_seed
@@ -35,7 +35,7 @@ from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, all_finite, check_checkpoint_keys, check_finite_state
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
-from lightning_sdrl.rewards.base import check_reward_output
+from lightning_sdrl.rewards.base import RewardModule, check_reward_output
 from lightning_sdrl.validation import check_positive_ints
 
 log = logging.getLogger("lightning_sdrl")
@@ -162,7 +162,7 @@ class DDPOModule(GenerationModule):
     def __init__(
         self,
         policy: DiffusionPolicy,
-        reward: nn.Module,
+        reward: RewardModule,
         optimizer: OptimizerCallable = ddpo_adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
         num_steps: int = 50,
@@ -326,7 +326,9 @@ class DDPOModule(GenerationModule):
         if not local.any(dim=1).all():
             # No finite reward (on some process): nothing to learn from this epoch.
             self.skipped_epochs += 1
-            self.log_dict({"train/skipped_epochs": float(self.skipped_epochs), "train/dropped_samples": float(dropped)})
+            self._log_epoch(
+                {"train/skipped_epochs": float(self.skipped_epochs), "train/dropped_samples": float(dropped)}
+            )
             self.guard.record_skip(
                 f"epoch {self.current_epoch}: {dropped} of {len(all_rewards)} rewards are not finite",
                 "Check the reward for NaN, and lower the learning rate if the images became NaN.",
@@ -350,7 +352,7 @@ class DDPOModule(GenerationModule):
         if keep is not None:
             trajectory, advantages = trajectory.select(keep), advantages[keep.to(advantages.device)]
         stats = [self._inner_epoch(trajectory, advantages, k, weights) for k in range(self.hparams.num_inner_epochs)]
-        self.log_dict(
+        self._log_epoch(
             {
                 "train/reward_mean": kept_rewards.mean(),
                 "train/reward_std": kept_rewards.std(unbiased=False),
@@ -358,15 +360,18 @@ class DDPOModule(GenerationModule):
                 "train/skipped_steps": float(self.guard.skipped_steps),
                 "train/dropped_samples": float(dropped),
                 **{key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]},
-            },
-            prog_bar=False,
+            }
         )
         self.log("reward", kept_rewards.mean(), prog_bar=True, logger=False)
         self._maybe_save_grid(trajectory, kept_rewards)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
-            self.log("train/lr", scheduler.get_last_lr()[0])
+            self._log_epoch({"train/lr": scheduler.get_last_lr()[0]})
             scheduler.step()
+
+    def _log_epoch(self, values: dict[str, Any]) -> None:
+        """Log once per DDPO epoch (whatever ``log_every_n_steps``): one metrics row per epoch."""
+        self.log_dict(values, on_step=False, on_epoch=True, batch_size=1)
 
     def _kept_rows(self, finite: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """This process's rows to train on, and their loss weights, given ``finite [W, B]``.
@@ -441,8 +446,6 @@ class DDPOModule(GenerationModule):
                     f"DDPO epoch {self.current_epoch}: the optimiser step made the weights non-finite from finite "
                     "gradients; the learning rate is far too large. Lower it."
                 )
-        else:
-            self.log("train/skipped_steps", float(self.guard.skipped_steps))
         optimizer.zero_grad(set_to_none=True)
 
     def _step_loss(

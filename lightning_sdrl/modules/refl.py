@@ -1,9 +1,9 @@
 """ReFL (Xu et al. 2023, ImageReward): fine-tune a diffusion model by backpropagating a reward.
 
-For each prompt batch (eq. 5 of ../shared/seeds/reward_model_refl.txt):
+For each prompt batch (eq. 5 of the reward-model report, docs/references.md):
 
 1. sample without gradients from ``x_T`` down to a random step ``t`` of a configured window
-   (the seed: 40 steps, ``t`` in ``[30, 40)``);
+   (the report: 40 steps, ``t`` in ``[30, 40)``);
 2. take step ``t`` with gradients and predict ``x_0`` from it;
 3. decode and score with any differentiable reward;
 4. loss ``= -alpha * reward + beta * KL(p_theta || p_pretrained)`` of that step's Gaussians, which
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.cli import OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.functional.ddim import gaussian_kl_same_std, sample_step
@@ -28,12 +28,12 @@ from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, check_checkpoint_keys, check_finite_state
 from lightning_sdrl.policies.base import DiffusionPolicy
-from lightning_sdrl.rewards.base import check_reward_output
+from lightning_sdrl.rewards.base import RewardModule, check_reward_output
 from lightning_sdrl.validation import check_positive_ints
 
 
 def refl_adamw(params: Any) -> torch.optim.Optimizer:
-    """The seed's optimiser: AdamW with default hyper-parameters and learning rate 1e-5."""
+    """The reward-model report's optimiser: AdamW with default hyper-parameters and learning rate 1e-5."""
     return torch.optim.AdamW(params, lr=1e-5)
 
 
@@ -41,16 +41,16 @@ class ReFLModule(GenerationModule):
     """Reward feedback learning with a KL regulariser to the pretrained model.
 
     Args:
-        policy: the diffusion model to fine-tune (LoRA rank 4 in the seed).
+        policy: the diffusion model to fine-tune (LoRA rank 4 in the report).
         reward: a differentiable reward ``(images [B,3,H,W] in [0,1], prompts) -> [B]``.
         optimizer: optimiser factory for the trainable parameters.
-        num_steps: DDIM steps ``T`` (40 in the seed).
+        num_steps: DDIM steps ``T`` (40 in the report).
         eta: DDIM noise weight in ``(0, 1]`` (the KL needs ``sigma_t > 0``).
         guidance_scale: classifier-free guidance weight.
         grad_step_range: ``[low, high)`` window of step indices from which the gradient step is
-            drawn (``[30, 40)`` in the seed).
-        reward_weight: ``alpha`` of eq. (5) (100 in the seed).
-        kl_weight: ``beta`` of eq. (5) (0.01 in the seed).
+            drawn (``[30, 40)`` in the report).
+        reward_weight: ``alpha`` of eq. (5) (100 in the report).
+        kl_weight: ``beta`` of eq. (5) (0.01 in the report).
         truncated_backprop_steps: ``K`` for DRaFT-K / AlignProp (gradients through the last ``K``
             steps, final sample scored); ``None`` is ReFL.
         max_consecutive_skips: optimiser steps skipped in a row (non-finite loss or gradients)
@@ -63,7 +63,7 @@ class ReFLModule(GenerationModule):
     def __init__(
         self,
         policy: DiffusionPolicy,
-        reward: nn.Module,
+        reward: RewardModule,
         optimizer: OptimizerCallable = refl_adamw,
         num_steps: int = 40,
         eta: float = 1.0,

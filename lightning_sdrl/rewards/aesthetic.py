@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sdrl.rewards.base import check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
 __all__ = ["AestheticMLP", "AestheticReward", "CLIPScoreReward", "load_aesthetic_head"]
@@ -109,7 +109,7 @@ def load_aesthetic_head(head_weights: str) -> nn.Module:
     return head.eval()
 
 
-class AestheticReward(nn.Module):
+class AestheticReward(RewardModule):
     """LAION aesthetic score of each image: a head on L2-normalised CLIP image embeddings.
 
     ``reward(x) = head(clip_image(x) / ||clip_image(x)||)``, about 1-10 (DDPO's "aesthetic
@@ -166,7 +166,7 @@ class AestheticReward(nn.Module):
         return self.head(embeds.to(next(self.head.parameters()).dtype)).squeeze(-1)
 
 
-class CLIPScoreReward(nn.Module):
+class CLIPScoreReward(RewardModule):
     """CLIPScore of each image for its prompt: ``100 * max(cos(E_image, E_text), 0)``.
 
     The per-image score of torchmetrics' ``CLIPScore`` (which averages it over the batch), in

@@ -26,7 +26,7 @@ from lightning_sdrl.functional.classifier_rewards import (
     classify_with_threshold,
     shift_reward,
 )
-from lightning_sdrl.rewards.base import check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 
 __all__ = ["BalanceReward", "ShiftReward", "attribute_shares", "group_probabilities"]
 
@@ -104,7 +104,7 @@ def attribute_shares(probs: Tensor, threshold: float = 0.7) -> Tensor:
     return counts.to(torch.float32) / max(len(classes), 1)
 
 
-class _AttributeReward(nn.Module):
+class _AttributeReward(RewardModule):
     """A frozen classifier and the grouping of its classes into attribute columns."""
 
     def __init__(self, classifier: nn.Module, groups: list[list[int]] | None) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 RANGE_TOLERANCE = 1e-6
 """How far outside ``[0, 1]`` a finite pixel may lie (rounding) before :func:`check_images` refuses it."""
@@ -117,6 +117,22 @@ def score_finite_images(
         return scored.new_full((len(images),), float("nan")).index_put((finite,), scored)
     scored = score(images.where(finite.view(-1, 1, 1, 1), 0.0))
     return scored.masked_fill(~finite, float("nan"))
+
+
+class RewardModule(nn.Module):
+    """Base class of every reward of the package, and of rewards written for it.
+
+    A :class:`Reward` that is an ``nn.Module`` (so it moves with the model and is frozen with
+    ``eval()``). ``DDPOModule`` and ``ReFLModule`` type their ``reward`` argument with it, so the
+    command line lists the rewards by name (``--model.reward.help BalanceReward``) instead of every
+    torch module; a reward of your own selected by ``class_path`` subclasses it.
+
+    Attributes:
+        batch_level: ``True`` when the reward of an image depends on the whole batch (under DDP it
+            then receives the images of all processes at once).
+    """
+
+    batch_level: bool = False
 
 
 def check_reward_output(rewards: Any, batch_size: int, name: str = "reward") -> Tensor:

@@ -108,7 +108,7 @@ class HFImageClassifier(nn.Module):
 
     Args:
         pretrained_model_name_or_path: A Hub model id (``"rizvandwiki/gender-classification-2"``,
-            the seed's classifier) or a local folder written by ``save_pretrained`` holding the
+            the debiasing paper's classifier) or a local folder written by ``save_pretrained`` holding the
             model and its ``preprocessor_config.json``.
         local_files_only: ``True`` never reaches the Hub; ``None`` follows the environment
             (``HF_HUB_OFFLINE=1`` means offline).

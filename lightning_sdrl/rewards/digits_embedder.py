@@ -1,6 +1,6 @@
 """The digits miniature's stand-in for CLIP in the preference reward model.
 
-The seed's reward model reads frozen CLIP ViT-L/14 image and text embeddings. The digits default
+The reward model of the reward-model report reads frozen CLIP ViT-L/14 image and text embeddings. The digits default
 has no CLIP worth the name at 16x16, so :class:`DigitsEmbedder` gives the same interface from what
 the package ships:
 

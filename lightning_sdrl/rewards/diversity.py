@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lightning_sdrl.data.reference import ReferenceSet
 from lightning_sdrl.feedback.digits import DigitFeatureNet
 from lightning_sdrl.functional.diversity import gp_mi_reward, marginal_utility, mmd_reward
-from lightning_sdrl.rewards.base import check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
 __all__ = ["CLIPImageFeatures", "DigitsFeatures", "DiversityReward", "InceptionFeatures"]
@@ -202,7 +202,7 @@ def _set_reward(kind: str, kernel_args: dict[str, Any]) -> functools.partial:
     return functools.partial(reward_fn, **kernel_args)
 
 
-class DiversityReward(nn.Module):
+class DiversityReward(RewardModule):
     """Diversity of the generated batch with respect to a reference set, eq. (6)-(18).
 
     1. ``Z_g = phi(X_g)`` for the batch, ``Z_r = phi(X_r)`` for the reference set (computed

@@ -1,6 +1,6 @@
 """A learned human-preference reward: frozen CLIP features and a small MLP head.
 
-The seed report (section IV.1, figure 5) extracts CLIP ViT-L/14 image and text features, combines
+The reward-model report (section IV.1, figure 5) extracts CLIP ViT-L/14 image and text features, combines
 them into one embedding and maps it to a scalar with an MLP trained on ImageRewardDB rankings
 (``lightning_sdrl.modules.reward_model``). Here:
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_sdrl.rewards.base import check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "head.safetensors"
@@ -37,7 +37,7 @@ class RewardHead(nn.Module):
 
     Layers: ``Dropout(dropout[0])``, then for each hidden size a ``Linear`` and a ``ReLU``, with
     ``Dropout(dropout[k])`` after the ``k``-th hidden layer while rates remain, and a linear output.
-    The defaults are the seed's five-layer MLP: hidden sizes 1024-256-128-32, dropout 0.2 on the
+    The defaults are the report's five-layer MLP: hidden sizes 1024-256-128-32, dropout 0.2 on the
     input and 0.2, 0.1 on the first two hidden layers.
 
     Args:
@@ -118,7 +118,7 @@ class CLIPEmbedder(nn.Module):
     gradients flow through to the input images.
 
     Args:
-        model_name: An open_clip model config. OpenAI's ViT-L/14 (the seed's CLIP) was trained with
+        model_name: An open_clip model config. OpenAI's ViT-L/14 (the report's CLIP) was trained with
             QuickGELU, hence ``"ViT-L-14-quickgelu"``; use ``"ViT-L-14"`` for LAION weights. A
             custom config is used by registering its JSON with ``open_clip.add_model_config``.
         pretrained: Path to a local weights file for ``model_name`` (e.g. open_clip's
@@ -272,7 +272,7 @@ def save_reward_head(
     save_file(state, str(directory / WEIGHTS_FILE))
 
 
-class LearnedPreferenceReward(nn.Module):
+class LearnedPreferenceReward(RewardModule):
     """Reward = standardised score of a preference head on frozen CLIP embeddings.
 
     ``reward(x, z) = (head([clip_image(x); clip_text(z)]) - score_mean) / score_std``, where the

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_sdrl.functional.image_rewards import jpeg_compressibility, mean_brightness
-from lightning_sdrl.rewards.base import check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 
 
-class JpegCompressibility(nn.Module):
+class JpegCompressibility(RewardModule):
     """DDPO's compressibility reward: minus the JPEG size of each image in kB.
 
     Args:
@@ -31,7 +31,7 @@ class JpegCompressibility(nn.Module):
         return score_finite_images(lambda x: jpeg_compressibility(x, self.quality), images, finite)
 
 
-class Brightness(nn.Module):
+class Brightness(RewardModule):
     """Mean pixel value of each image (a simple, smooth reward for tests and demos)."""
 
     batch_level = False
