@@ -1,4 +1,4 @@
-"""The debiasing experiments of ../shared/seeds/ddpo_gender_debiasing.txt (IV-B/C), in miniature.
+"""The experiments of sections IV-B/C of the debiasing paper (docs/references.md), in miniature.
 
 Runs the shipped configs ``configs/digits/ddpo_shift.yaml`` (R_shift) and
 ``configs/digits/ddpo_balance.yaml`` (R_balance) from the pretrained digits model, then prints
@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from lightning_sdrl.callbacks import AttributeTracker, classified_ratio
-from lightning_sdrl.cli import main as cli
+from lightning_sdrl.cli import run_cli as cli
 from lightning_sdrl.data.reference import DigitsReference
 from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.metrics.generation import GenerationMetrics

@@ -1,9 +1,9 @@
 """Reward model from hidden-rule preferences, then ReFL with it, on the digits default.
 
-The chain of ../shared/seeds/reward_model_refl.txt in miniature:
+The chain of the reward-model report (docs/references.md) in miniature:
 
 1. ``configs/digits/reward_model.yaml``: build the hidden-rule preference dataset (8 generations
-   per prompt group ranked by stroke thickness), train the seed's MLP head on DigitsEmbedder
+   per prompt group ranked by stroke thickness), train the report's MLP head on DigitsEmbedder
    embeddings with the pairwise loss, keep the head best on the validation pairs, and report its
    preference accuracy on the held-out test pairs (target >= 90%);
 2. ``configs/digits/refl.yaml``: ReFL with that learned reward;
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_sdrl.cli import main as cli
+from lightning_sdrl.cli import run_cli as cli
 from lightning_sdrl.data.digits_captions import DIGIT_WORDS
 from lightning_sdrl.data.digits_preferences import stroke_thickness
 from lightning_sdrl.data.sampling import PromptBatch

@@ -1,4 +1,4 @@
-"""Post-sampling selection (Table 1 of ../shared/seeds/diversity_reward_rl.txt) on the digits model.
+"""Post-sampling selection (Table 1 of the diversity paper, docs/references.md) on the digits model.
 
 For each of the ten prompts "a handwritten <digit>", ``--groups-per-prompt`` groups of O images
 are sampled from the shipped digits model; in each group the subset of M images with the

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_sdrl.cli import main
+from lightning_sdrl.cli import run_cli as main
 from lightning_sdrl.data.digits_preferences import stroke_thickness
 from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.rewards.reward_model import PretrainedPreferenceReward
@@ -29,6 +29,15 @@ def test_reward_model_learns_the_hidden_rule(reward_run):
     assert run.trainer.checkpoint_callback.best_model_score > 0.8
     test = run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path="best", verbose=False)[0]
     assert test["test/accuracy"] > 0.8
+    # the documented command: `test` in a new CLI on the best checkpoint the fit wrote
+    best = work / "checkpoints" / "best.ckpt"
+    assert best.is_file() and run.trainer.checkpoint_callback.best_model_path == str(best)
+    again = main(["test", "-c", str(ROOT / "configs/digits/reward_model.yaml"),
+                  f"--data.init_args.data_dir={work / 'preferences'}",
+                  "--data.init_args.groups={train: 24, validation: 8, test: 8}", "--data.init_args.num_steps=10",
+                  f"--trainer.default_root_dir={work / 'test'}", "--model.init_args.export_dir=null",
+                  "--trainer.enable_progress_bar=false", f"--ckpt_path={best}"])
+    assert again.trainer.callback_metrics["test/accuracy"].item() == pytest.approx(test["test/accuracy"])
     # the exported head is the best checkpoint's, and it ranks thicker digits higher
     reward = PretrainedPreferenceReward(str(work / "head"))
     thin, bold = torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16)
@@ -44,10 +53,14 @@ def test_refl_with_the_learned_reward_raises_the_rule_score(reward_run, tmp_path
                 f"--model.init_args.reward.init_args.directory={work / 'head'}",
                 f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3",
                 "--data.init_args.num_batches_per_epoch=6", "--data.init_args.batch_size=8",
-                # a short run: a higher lr and the seed's beta (0.01) so that 3 small epochs move it
+                # a short run: a higher lr and the report's beta (0.01) so that 3 small epochs move it
                 "--model.init_args.optimizer.init_args.lr=0.005", "--model.init_args.kl_weight=0.01",
                 "--trainer.enable_progress_bar=false"])
     module = run.model
+    # what a user gets from `fit`: the LoRA, a checkpoint, the metrics, before/after grids, the curve
+    for name in ("trained/pytorch_lora_weights.safetensors", "checkpoints/last.ckpt", "metrics.csv",
+                 "rewards.json", "samples_before.png", "samples_after.png", "reward_curve.png"):
+        assert (tmp_path / name).is_file(), name
     prompts = [f"a handwritten {w}" for w in ("zero", "one", "four", "seven")] * 4
     batch = PromptBatch(prompts, torch.zeros(len(prompts), dtype=torch.long), seed=5)
 

@@ -92,9 +92,7 @@ def digits_split_indices(split: Literal["train", "test"], seed: int = 0) -> Tens
     return torch.from_numpy(np.sort(train if split == "train" else test))
 
 
-def digits_split(
-    split: Literal["train", "test"], size: int = 16, seed: int = 0
-) -> tuple[Tensor, Tensor]:
+def digits_split(split: Literal["train", "test"], size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Images and labels of one side of the stratified 80/20 train/test split.
 
     Args:
@@ -132,9 +130,7 @@ class DigitsDataset(Dataset[tuple[Tensor, int]]):
         (1437, torch.Size([1, 16, 16]), <class 'int'>)
     """
 
-    def __init__(
-        self, split: Literal["train", "test"] = "train", size: int = 16, seed: int = 0
-    ) -> None:
+    def __init__(self, split: Literal["train", "test"] = "train", size: int = 16, seed: int = 0) -> None:
         self.images, self.labels = digits_split(split, size, seed)
 
     def __len__(self) -> int:

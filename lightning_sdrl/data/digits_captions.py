@@ -1,6 +1,6 @@
 """Captioned digits for pretraining the digits text-to-image model, with deliberately biased captions.
 
-The gender-debiasing experiment (sections III-E and IV-B/C of the seed paper) starts from prompts
+The gender-debiasing experiment (sections III-E and IV-B/C of the debiasing paper) starts from prompts
 whose images are biased: "an electrical engineer" is almost always male-looking (``R_shift``
 flips it), "a mechanical engineer" is about 80/20 (``R_balance`` brings it to 50/50). The digits
 miniature reproduces such prompts by captioning the training digits with a fixed table:
@@ -168,8 +168,15 @@ class CaptionBatch:
 class _CaptionBatches(IterableDataset):
     """Yields one process's share of an epoch's caption batches (a fresh draw every epoch)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, seed: int,
-                 group_caption_fraction: float, where: Callable[[], tuple[int, int, int]]) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        seed: int,
+        group_caption_fraction: float,
+        where: Callable[[], tuple[int, int, int]],
+    ) -> None:
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.seed, self.group_caption_fraction, self.where = seed, group_caption_fraction, where
         examples = len(labels) + 3 * round(len(labels) * group_caption_fraction / (1 - group_caption_fraction) / 3)
@@ -240,8 +247,9 @@ class DigitsCaptionDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The epoch's :class:`CaptionBatch` es for this process (images in ``[-1, 1]``)."""
         images, labels = digits_split("train")
-        dataset = _CaptionBatches(images * 2 - 1, labels, self.batch_size, self.seed,
-                                  self.group_caption_fraction, self._where)
+        dataset = _CaptionBatches(
+            images * 2 - 1, labels, self.batch_size, self.seed, self.group_caption_fraction, self._where
+        )
         return DataLoader(dataset, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

@@ -508,7 +508,7 @@ class ImageRewardDataModule(pl.LightningDataModule):
 
     Args:
         data_dir: Folder holding the metadata of the chosen ``layout`` (see the module docstring).
-        batch_size: Comparisons per batch (the seed uses 256), per device.
+        batch_size: Comparisons per batch (the reward-model report uses 256), per device.
         num_workers: DataLoader processes, for the comparison batches and the image reading.
         layout: ``"parquet"`` (Hugging Face ``metadata-<split>.parquet``), ``"json"`` (ImageReward
             training ``train.json``/``valid.json``/``test.json``), or ``"auto"`` to detect.
@@ -655,5 +655,5 @@ class ImageRewardDataModule(pl.LightningDataModule):
         return self._loader("validation", shuffle=False)
 
     def test_dataloader(self) -> DataLoader[PreferenceBatch]:
-        """Test comparisons (466 prompts, 6,399 comparisons in the seed's Table 1)."""
+        """Test comparisons (466 prompts, 6,399 comparisons in the reward-model report's Table 1)."""
         return self._loader("test", shuffle=False)

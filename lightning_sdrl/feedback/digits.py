@@ -1,6 +1,6 @@
 """AI-feedback models of the digits miniature: a digit classifier and a feature network.
 
-In the gender-debiasing experiment (section III-C of the seed paper) a pretrained classifier
+In the gender-debiasing experiment (section III-C of the debiasing paper) a pretrained classifier
 judges each generated image, and an image whose top probability is below a confidence of 0.7 is
 labelled "None". In the digits miniature :class:`DigitClassifier` plays that classifier and
 :class:`DigitFeatureNet` plays the Inception / CLIP feature extractor behind FID,
@@ -72,8 +72,7 @@ def to_canonical_digits(images: Tensor) -> Tensor:
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(
-            f"images have shape {list(images.shape)}; expected [B, C, H, W] with C = 1 or 3 "
-            "(floats in [0, 1])"
+            f"images have shape {list(images.shape)}; expected [B, C, H, W] with C = 1 or 3 (floats in [0, 1])"
         )
     if not images.is_floating_point():
         raise ValueError(
@@ -82,9 +81,7 @@ def to_canonical_digits(images: Tensor) -> Tensor:
         )
     gray = images.mean(dim=1, keepdim=True)
     if gray.shape[-2:] != (DIGIT_IMAGE_SIZE, DIGIT_IMAGE_SIZE):
-        gray = F.interpolate(
-            gray, size=DIGIT_IMAGE_SIZE, mode="bilinear", align_corners=False, antialias=True
-        )
+        gray = F.interpolate(gray, size=DIGIT_IMAGE_SIZE, mode="bilinear", align_corners=False, antialias=True)
     return gray
 
 
@@ -196,9 +193,7 @@ class DigitFeatureNet(nn.Module):
         torch.Size([5, 64])
     """
 
-    def __init__(
-        self, channels: tuple[int, int, int] = (16, 32, 32), feature_dim: int = 64
-    ) -> None:
+    def __init__(self, channels: tuple[int, int, int] = (16, 32, 32), feature_dim: int = 64) -> None:
         super().__init__()
         channels = _check_channels(channels)
         if feature_dim < 1:
@@ -260,9 +255,7 @@ def _save_pretrained(model: DigitClassifier | DigitFeatureNet, directory: str | 
     directory.mkdir(parents=True, exist_ok=True)
     config = {"model_type": type(model).__name__, **model.config}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    state = {
-        name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
-    }
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, directory / WEIGHTS_NAME, metadata={"model_type": type(model).__name__})
 
 

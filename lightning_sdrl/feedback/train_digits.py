@@ -75,9 +75,7 @@ def augment_digits(images: Tensor, generator: torch.Generator | None = None) -> 
     angle, scale = uniform(-math.radians(10), math.radians(10)), uniform(0.9, 1.1)
     shift = uniform(-1.5, 1.5, 2) * (2 / images.shape[-1])
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
-    )
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
     # 2. blur
@@ -100,12 +98,8 @@ def non_digit_images(n: int, generator: torch.Generator | None = None) -> Tensor
         >>> non_digit_images(3, torch.Generator().manual_seed(0)).shape
         torch.Size([3, 1, 16, 16])
     """
-    coarse = F.interpolate(
-        torch.rand(n, 1, 4, 4, generator=generator), size=16, mode="bilinear", align_corners=False
-    )
-    fine = F.interpolate(
-        torch.rand(n, 1, 8, 8, generator=generator), size=16, mode="bilinear", align_corners=False
-    )
+    coarse = F.interpolate(torch.rand(n, 1, 4, 4, generator=generator), size=16, mode="bilinear", align_corners=False)
+    fine = F.interpolate(torch.rand(n, 1, 8, 8, generator=generator), size=16, mode="bilinear", align_corners=False)
     mix = torch.rand(n, 1, 1, 1, generator=generator)
     blobs = torch.lerp(coarse, fine, mix)
     # Half of them pass through a steep sigmoid: bright strokes on a dark background, like digits.
@@ -132,9 +126,7 @@ def _fit(
     """
     steps_per_epoch = math.ceil(len(labels) / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch
-    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
     n_outliers = round(outlier_fraction * batch_size)
     model.train()
     for _ in range(epochs):
@@ -232,9 +224,7 @@ def confusion_matrix(true: Tensor, predicted: Tensor, num_predicted: int = 10) -
 
 
 @torch.no_grad()
-def evaluate_classifier(
-    model: DigitClassifier, images: Tensor, labels: Tensor, seed: int = 0
-) -> dict[str, Any]:
+def evaluate_classifier(model: DigitClassifier, images: Tensor, labels: Tensor, seed: int = 0) -> dict[str, Any]:
     """Held-out accuracy, confusion matrices and robustness checks of a classifier.
 
     Returns a JSON-ready dict:
@@ -266,15 +256,10 @@ def evaluate_classifier(
         "confidence_threshold": CONFIDENCE_THRESHOLD,
         "confusion_matrix_with_none": confusion_matrix(labels, thresholded, 11).tolist(),
         "none_fraction": (~confident).double().mean().item(),
-        "confident_accuracy": (
-            (predicted == labels)[confident].double().mean().item() if confident.any() else None
-        ),
+        "confident_accuracy": ((predicted == labels)[confident].double().mean().item() if confident.any() else None),
         "perturbed_test_accuracy": (perturbed == labels).double().mean().item(),
         "confident_fraction_on": {
-            name: (model.predict_proba(x).max(dim=1).values >= CONFIDENCE_THRESHOLD)
-            .double()
-            .mean()
-            .item()
+            name: (model.predict_proba(x).max(dim=1).values >= CONFIDENCE_THRESHOLD).double().mean().item()
             for name, x in non_digits.items()
         },
     }
@@ -320,9 +305,7 @@ def plot_confusion(report: dict[str, Any], path: str | Path) -> None:
     for axis, (title, matrix, columns) in zip(axes, panels, strict=True):
         matrix = torch.tensor(matrix)
         axis.imshow(matrix, cmap="Blues")
-        for (row, column), count in zip(
-            matrix.nonzero().tolist(), matrix[matrix > 0].tolist(), strict=True
-        ):
+        for (row, column), count in zip(matrix.nonzero().tolist(), matrix[matrix > 0].tolist(), strict=True):
             color = "white" if count > matrix.max() / 2 else "black"
             axis.text(column, row, count, ha="center", va="center", color=color, fontsize=8)
         axis.set(
@@ -358,16 +341,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     test_images, test_labels = digits_split("test")
     start = time.perf_counter()
     classifier = train_classifier(train_images, train_labels, seed=args.seed, epochs=args.epochs)
-    feature_net = train_feature_net(
-        train_images, train_labels, seed=args.seed + 1, epochs=args.epochs
-    )
+    feature_net = train_feature_net(train_images, train_labels, seed=args.seed + 1, epochs=args.epochs)
     seconds = time.perf_counter() - start
     classifier.save_pretrained(args.out / "classifier")
     feature_net.save_pretrained(args.out / "feature_net")
 
-    command = "python -m lightning_sdrl.feedback.train_digits " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = "python -m lightning_sdrl.feedback.train_digits " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {
         "command": command.strip(),
         "seed": args.seed,
@@ -377,9 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_images": len(train_labels),
         "test_images": len(test_labels),
         "classifier": evaluate_classifier(classifier, test_images, test_labels, seed=args.seed),
-        "feature_net": evaluate_feature_net(
-            feature_net, train_images, train_labels, test_images, test_labels
-        ),
+        "feature_net": evaluate_feature_net(feature_net, train_images, train_labels, test_images, test_labels),
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_confusion(report, args.figure or args.out / "confusion_matrix.png")

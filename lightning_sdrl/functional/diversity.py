@@ -25,9 +25,7 @@ def _check_features(gen_feats: Tensor, ref_feats: Tensor, min_gen: int, min_ref:
     checks = (("gen_feats", gen_feats, min_gen), ("ref_feats", ref_feats, min_ref))
     for name, feats, minimum in checks:
         if feats.ndim != 2 or feats.shape[0] < minimum:
-            raise ValueError(
-                f"{name} has shape {list(feats.shape)}; expected [n, D] with n >= {minimum}"
-            )
+            raise ValueError(f"{name} has shape {list(feats.shape)}; expected [n, D] with n >= {minimum}")
     if gen_feats.shape[1] != ref_feats.shape[1]:
         raise ValueError(
             f"gen_feats has D={gen_feats.shape[1]} but ref_feats has D={ref_feats.shape[1]}; "
@@ -35,9 +33,7 @@ def _check_features(gen_feats: Tensor, ref_feats: Tensor, min_gen: int, min_ref:
         )
 
 
-def polynomial_kernel(
-    x: Tensor, y: Tensor, degree: int = 3, gamma: float | None = None, coef: float = 1.0
-) -> Tensor:
+def polynomial_kernel(x: Tensor, y: Tensor, degree: int = 3, gamma: float | None = None, coef: float = 1.0) -> Tensor:
     """Polynomial kernel ``(gamma * <x, y> + coef) ** degree``, the kernel of KID.
 
     Args:
@@ -131,9 +127,7 @@ def mmd_reward(
     return reward.to(gen_feats.dtype)
 
 
-def _gp_covariances(
-    gen: Tensor, ref: Tensor, lengthscale: float, noise: float, jitter: float
-) -> tuple[Tensor, Tensor]:
+def _gp_covariances(gen: Tensor, ref: Tensor, lengthscale: float, noise: float, jitter: float) -> tuple[Tensor, Tensor]:
     """Cov(Z_g, Z_g) and Cov(Z_{g,r}, Z_{g,r}) of eq. (13) plus noise and jitter on the diagonal."""
     joint = torch.cat([gen, ref]).double()
     # eq. (13): Cov(m, n) = K(Z_m, Z_n); the diagonal term makes both matrices positive definite

@@ -62,14 +62,10 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
 
 def _check_feature_matrix(name: str, feats: Tensor, minimum: int) -> None:
     if feats.ndim != 2 or feats.shape[0] < minimum:
-        raise ValueError(
-            f"{name} has shape {list(feats.shape)}; expected [n, D] with n >= {minimum}"
-        )
+        raise ValueError(f"{name} has shape {list(feats.shape)}; expected [n, D] with n >= {minimum}")
 
 
-def _mean_cov_from_sums(
-    feature_sum: Tensor, outer_sum: Tensor, count: Tensor | int
-) -> tuple[Tensor, Tensor]:
+def _mean_cov_from_sums(feature_sum: Tensor, outer_sum: Tensor, count: Tensor | int) -> tuple[Tensor, Tensor]:
     """Mean and unbiased covariance from ``sum_i x_i``, ``sum_i x_i x_i^T`` and ``n`` (float64)."""
     mean = feature_sum.double() / count
     cov = (outer_sum.double() - count * torch.outer(mean, mean)) / (count - 1)
@@ -112,19 +108,13 @@ def _kth_neighbour_radii(feats: Tensor, k: int, batch_size: int) -> Tensor:
     return torch.cat([torch.cdist(chunk, feats).kthvalue(k + 1, dim=1).values for chunk in chunks])
 
 
-def _fraction_in_manifold(
-    points: Tensor, support: Tensor, radii: Tensor, batch_size: int
-) -> Tensor:
+def _fraction_in_manifold(points: Tensor, support: Tensor, radii: Tensor, batch_size: int) -> Tensor:
     """Share of ``points`` inside at least one ball ``B(support_j, radii_j)``."""
-    inside = [
-        (torch.cdist(chunk, support) <= radii).any(dim=1) for chunk in points.split(batch_size)
-    ]
+    inside = [(torch.cdist(chunk, support) <= radii).any(dim=1) for chunk in points.split(batch_size)]
     return torch.cat(inside).double().mean()
 
 
-def precision_recall(
-    real_feats: Tensor, fake_feats: Tensor, k: int = 3, batch_size: int = 1024
-) -> dict[str, Tensor]:
+def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3, batch_size: int = 1024) -> dict[str, Tensor]:
     """Improved precision and recall of Kynkaanniemi et al. (2019), as torch-fidelity's ``prc``.
 
     The manifold of a set is the union of balls around its points, each with the radius of the
@@ -160,9 +150,7 @@ def precision_recall(
     _check_feature_matrix("real_feats", real_feats, k + 1)
     _check_feature_matrix("fake_feats", fake_feats, k + 1)
     if real_feats.shape[1] != fake_feats.shape[1]:
-        raise ValueError(
-            f"real_feats has D={real_feats.shape[1]} but fake_feats has D={fake_feats.shape[1]}"
-        )
+        raise ValueError(f"real_feats has D={real_feats.shape[1]} but fake_feats has D={fake_feats.shape[1]}")
     real_radii = _kth_neighbour_radii(real_feats, k, batch_size)
     fake_radii = _kth_neighbour_radii(fake_feats, k, batch_size)
     return {
@@ -199,10 +187,7 @@ def attribute_kl(counts: Tensor, target: Tensor | None = None) -> Tensor:
     target = torch.as_tensor(target, device=counts.device).double()
     for name, value in (("counts", counts), ("target", target)):
         if value.shape != counts.shape or (value < 0).any() or value.sum() <= 0:
-            raise ValueError(
-                f"{name}={value.tolist()}; expected {counts.numel()} non-negative values, "
-                "not all zero"
-            )
+            raise ValueError(f"{name}={value.tolist()}; expected {counts.numel()} non-negative values, not all zero")
     p = counts / counts.sum()
     t = target / target.sum()
     return torch.xlogy(p, p).sum() - torch.xlogy(p, t).sum()

@@ -1,4 +1,4 @@
-"""Pairwise preference learning from rankings (ImageReward, eq. (4) of the seed report).
+"""Pairwise preference learning from rankings (ImageReward, eq. (4) of the reward-model report).
 
 A prompt has ``k`` generated images ranked by annotators, best first. Every two images with
 different ranks give one comparison ``(better, worse)``; a reward model ``r`` is trained so that
@@ -52,7 +52,7 @@ def _check_scores(better_scores: Tensor, worse_scores: Tensor) -> None:
 
 
 def pairwise_loss(better_scores: Tensor, worse_scores: Tensor) -> Tensor:
-    """Bradley-Terry loss of a batch of comparisons, eq. (4) of the seed report.
+    """Bradley-Terry loss of a batch of comparisons, eq. (4) of the reward-model report.
 
     ``loss = -mean(log(sigmoid(r(x_better, z) - r(x_worse, z))))``, computed with
     ``logsigmoid`` so that large score gaps do not overflow.

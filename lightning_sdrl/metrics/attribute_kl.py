@@ -51,9 +51,7 @@ class AttributeKL(Metric):
             raise ValueError(f"num_classes={num_classes}; expected an int >= 2 attribute values")
         target = torch.ones(num_classes) if target is None else torch.as_tensor(target)
         if target.shape != (num_classes,) or (target < 0).any() or target.sum() <= 0:
-            raise ValueError(
-                f"target={target.tolist()}; expected {num_classes} non-negative values, not all 0"
-            )
+            raise ValueError(f"target={target.tolist()}; expected {num_classes} non-negative values, not all 0")
         self.num_classes = num_classes
         self.register_buffer("target", target.double() / target.sum(), persistent=False)
         self.add_state("counts", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")

@@ -37,9 +37,7 @@ class _ImageFeatureMetric(Metric):
     def _extract(self, images: Tensor) -> Tensor:
         """Features ``[B, D]`` of ``images`` ``[B, 3, H, W]``."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"images has shape {list(images.shape)}; expected [B, 3, H, W] (RGB batch)"
-            )
+            raise ValueError(f"images has shape {list(images.shape)}; expected [B, 3, H, W] (RGB batch)")
         with torch.no_grad():
             features = self.feature_extractor(images)
         return features.reshape(images.shape[0], -1)

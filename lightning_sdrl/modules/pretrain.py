@@ -72,8 +72,11 @@ def encode_captions(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, capti
     conditioning the model was trained on.
     """
     ids = tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids.to(text_encoder.device)
     return text_encoder(ids)[0]
 
@@ -313,8 +316,14 @@ def measure_model(
         ``(report, images)``: the JSON-ready report and each prompt's ``[N, 3, H, W]`` images.
     """
     classifier = DigitClassifier.from_pretrained()
-    settings = {"num_samples": num_samples, "num_steps": num_steps, "guidance_scale": guidance_scale,
-                "eta": eta, "seed": seed, "threshold": CONFIDENCE_THRESHOLD}
+    settings = {
+        "num_samples": num_samples,
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "eta": eta,
+        "seed": seed,
+        "threshold": CONFIDENCE_THRESHOLD,
+    }
     prompts, images = {}, {}
     for index, prompt in enumerate(REPORT_PROMPTS):
         evaluation, images[prompt] = sample_and_classify(
@@ -336,9 +345,11 @@ def measure_model(
     every = sum(agreement.values(), [])
     check = dict(TEST_CHECK)
     check["class_shares"] = {
-        prompt: asdict(sample_and_classify(
-            policy, classifier, prompt, check["num_samples"], check["num_steps"], guidance_scale, eta, check["seed"]
-        )[0])["class_shares"]
+        prompt: asdict(
+            sample_and_classify(
+                policy, classifier, prompt, check["num_samples"], check["num_steps"], guidance_scale, eta, check["seed"]
+            )[0]
+        )["class_shares"]
         for prompt in check["prompts"]
     }
     multiclass = prompts[MULTICLASS_PROMPT]["class_shares"]
@@ -350,8 +361,13 @@ def measure_model(
         "shift_six_share": _share(prompts[SHIFT_PROMPT], [6], [0, 6]),
         "multiclass_top3_digits": sorted(range(10), key=lambda d: -multiclass[str(d)])[:3],
     }
-    report = {"settings": settings, "summary": summary, "prompts": prompts,
-              "unguided_group_prompts": unguided, "test_check": check}
+    report = {
+        "settings": settings,
+        "summary": summary,
+        "prompts": prompts,
+        "unguided_group_prompts": unguided,
+        "test_check": check,
+    }
     return report, images
 
 
@@ -399,11 +415,14 @@ def measure_speed(policy: TextToImagePolicy, repeats: int = 20) -> dict[str, flo
         policy.denoise(sample, timesteps, conditions)
         times.append(time.perf_counter() - start)
     start = time.perf_counter()
-    policy.sample(["a handwritten seven"] * 32, num_steps=20, guidance_scale=3.0,
-                  generator=torch.Generator().manual_seed(0))
-    return {"unet_forward_batch64_ms": round(1000 * sorted(times[3:])[repeats // 2], 1),
-            "sample_32x20_steps_cfg_s": round(time.perf_counter() - start, 2),
-            "torch_threads": torch.get_num_threads()}
+    policy.sample(
+        ["a handwritten seven"] * 32, num_steps=20, guidance_scale=3.0, generator=torch.Generator().manual_seed(0)
+    )
+    return {
+        "unet_forward_batch64_ms": round(1000 * sorted(times[3:])[repeats // 2], 1),
+        "sample_32x20_steps_cfg_s": round(time.perf_counter() - start, 2),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -426,8 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
     report["weights_bytes"] = sum(
         p.stat().st_size for p in Path(policy.pretrained_model_name_or_path).rglob("*.safetensors")
     )
-    report["parameters"] = {name: sum(p.numel() for p in getattr(policy, name).parameters())
-                            for name in ("unet", "text_encoder")}
+    report["parameters"] = {
+        name: sum(p.numel() for p in getattr(policy, name).parameters()) for name in ("unet", "text_encoder")
+    }
     report["speed"] = measure_speed(policy)
     Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     if args.figure:  # one caption per digit, and the group prompts

@@ -1,6 +1,6 @@
 """Class-conditional pixel-space diffusion (``UNet2DModel`` with class embeddings).
 
-The class-conditional experiments of the diversity-reward paper fine-tune such a model. Prompts
+The class-conditional experiments of the diversity paper fine-tune such a model. Prompts
 are class names; the UNet has one extra class embedding, the null class, used for
 classifier-free guidance.
 """

@@ -38,7 +38,7 @@ class LoRASettings:
     """LoRA on the denoiser's attention projections (Hu et al. 2021).
 
     Attributes:
-        rank: LoRA rank ``r`` (the ReFL paper and DDPO use 4).
+        rank: LoRA rank ``r`` (the reward-model report and DDPO use 4).
         alpha: LoRA scale numerator; the update is scaled by ``alpha / rank``. ``None`` uses ``rank``.
         target_modules: names of the linear/conv layers that get adapters.
         dropout: dropout on the adapter input.
