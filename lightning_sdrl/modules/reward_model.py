@@ -1,4 +1,4 @@
-"""Training a preference reward model on ranked comparisons (seed report, sections IV.1 and V.1).
+"""Training a preference reward model on ranked comparisons (the reward-model report, IV.1 and V.1).
 
 A frozen CLIP embeds images and prompts (once, cached by the DataModule); an MLP head is trained
 with the Bradley-Terry loss of eq. (4) on ``(prompt, better, worse)`` embedding triples. The best
@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_sdrl.data.imagereward_db import PreferenceBatch
@@ -29,14 +30,14 @@ class RewardModelModule(pl.LightningModule):
     (preference accuracy, predicted ties wrong). Checkpoints leave out the frozen CLIP weights.
 
     Args:
-        clip_model_name: open_clip config of the frozen CLIP (the seed: OpenAI ViT-L/14).
+        clip_model_name: open_clip config of the frozen CLIP (the report: OpenAI ViT-L/14).
         clip_pretrained: Local weights file of that CLIP; ``None`` is random (tests only).
         hidden_sizes: Head hidden widths (seed: 1024, 256, 128, 32).
         dropout: Head dropout on the input, then the first hidden layers (seed: 0.2, 0.2, 0.1).
         lr: Adam learning rate, constant (seed: 1e-5).
         betas: Adam betas (seed: 0.9, 0.99).
         eps: Adam epsilon (seed: 1e-8).
-        weight_decay: Adam L2 weight decay (the seed uses none).
+        weight_decay: Adam L2 weight decay (the report uses none).
         export_dir: Folder to write the trained head to when fitting ends (see :meth:`export`);
             ``None`` skips it.
         embedder: Another frozen embedder with :class:`CLIPEmbedder`'s interface (``embed_dim``,
@@ -89,12 +90,22 @@ class RewardModelModule(pl.LightningModule):
         """Log validation loss and preference accuracy."""
         self._shared_step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        """Print the epoch's validation accuracy and loss (what ``ModelCheckpoint`` selects on)."""
+        metrics = self.trainer.callback_metrics
+        if self.trainer.sanity_checking or "val/accuracy" not in metrics:
+            return
+        rank_zero_info(
+            f"epoch {self.current_epoch:3d} | val/accuracy {float(metrics['val/accuracy']):.4f} | "
+            f"val/loss {float(metrics['val/loss']):.4f}"
+        )
+
     def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         """Log test loss and preference accuracy."""
         self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam on the head only, with the seed's settings as defaults."""
+        """Adam on the head only, with the report's settings as defaults."""
         hp = self.hparams
         return torch.optim.Adam(
             self.head.parameters(),
@@ -148,7 +159,7 @@ class RewardModelModule(pl.LightningModule):
     def on_train_end(self) -> None:
         """Export the best checkpoint's head to ``export_dir`` with training-set statistics.
 
-        The seed keeps the state that is best on the validation set: when the Trainer's
+        The report keeps the state that is best on the validation set: when the Trainer's
         ``ModelCheckpoint`` has a best checkpoint (``monitor: val/accuracy``), its head is loaded
         first; otherwise the last weights are exported.
         """

@@ -275,3 +275,26 @@ def test_refl_arguments_are_checked_at_construction(argument, value, message):
     options = {"num_steps": 4, "grad_step_range": (2, 4), argument: value}
     with pytest.raises(ValueError, match=message):
         ReFLModule(policy(), Brightness(), **options)
+
+
+# ---------------------------------------------------------------- reward model
+def test_reward_model_skips_non_finite_gradients_and_refuses_to_export_nan(tmp_path):
+    from lightning_sdrl.modules.reward_model import RewardModelModule
+    from tests.helpers import make_tiny_clip, tiny_clip_config
+
+    name, weights, _ = make_tiny_clip(tmp_path, "tiny-clip-faults", tiny_clip_config(16, 1))
+    module = RewardModelModule(name, weights, hidden_sizes=(8,), dropout=(), max_consecutive_skips=2)
+    optimizer = module.configure_optimizers()
+    before = {k: v.clone() for k, v in module.head.state_dict().items()}
+    embeds = torch.randn(4, 16)
+    (module(embeds, embeds).sum() * float("nan")).backward()
+    module.on_before_optimizer_step(optimizer)
+    assert all(p.grad is None for p in module.head.parameters())
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in module.head.state_dict().items())
+    assert module.guard.skipped_steps == 1
+    with torch.no_grad():
+        next(module.head.parameters())[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="refusing to write the reward head"):
+        module.export(tmp_path / "head", embeds, embeds)
+    assert not (tmp_path / "head").exists()

@@ -78,7 +78,7 @@ def test_fit_learns_preferences_and_exports_the_best_head(tiny_clip, tmp_path):
     assert last_epoch["val/loss"] < 0.1 * before["val/loss"]
     assert last_epoch["train/accuracy"] >= 0.9 and last_epoch["val/accuracy"] >= 0.9
 
-    # fitting ended by restoring the head that was best on validation (the seed's selection)
+    # fitting ended by restoring the head that was best on validation (the reward-model report's selection)
     (after,) = trainer.validate(module, datamodule, verbose=False)
     assert after["val/accuracy"] == pytest.approx(checkpoint.best_model_score.item())
     assert after["val/accuracy"] >= 0.9
@@ -98,3 +98,16 @@ def test_fit_learns_preferences_and_exports_the_best_head(tiny_clip, tmp_path):
     torch.testing.assert_close(reward.head(image_embeds, text_embeds), raw)
     assert reward.score_mean == pytest.approx(raw.mean().item(), abs=1e-6)
     assert reward.score_std == pytest.approx(raw.std().item(), rel=1e-5)
+
+
+def test_fit_prints_validation_accuracy_every_epoch(tiny_clip, tmp_path, caplog):
+    name, weights = tiny_clip
+    write_brightness_preferences(tmp_path / "db")
+    module = RewardModelModule(name, weights, hidden_sizes=(8,), dropout=(), lr=1e-2)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2)
+    with caplog.at_level("INFO"):
+        trainer.fit(module, ImageRewardDataModule(str(tmp_path / "db"), batch_size=8))
+    lines = [r.getMessage() for r in caplog.records if "val/accuracy" in r.getMessage()]
+    assert [line.split("|")[0].strip() for line in lines] == ["epoch   0", "epoch   1", "epoch   2"]
+    assert f"val/accuracy {trainer.callback_metrics['val/accuracy'].item():.4f}" in lines[-1]
