@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 from torch import Tensor
@@ -52,6 +53,8 @@ def save_captioned_grid(images: Tensor, path: str | Path, caption: str, nrow: in
     nrow = nrow or max(1, round(math.sqrt(len(images))))
     grid = make_grid(upscale_nearest(images.detach().float().cpu().clamp(0, 1)), nrow=nrow, padding=4, pad_value=1.0)
     height, width = grid.shape[1:]
+    # wrap the caption to the grid's width (about 7 px per character at 9 pt and 100 dpi)
+    caption = "\n".join(textwrap.fill(line, max(20, width // 7)) for line in caption.splitlines())
     lines = caption.count("\n") + 1
     dpi = 100
     caption_inches = 0.22 * lines + 0.15
