@@ -52,11 +52,12 @@ def test_fid_matches_clean_fid_on_the_extracted_features():
 
 def test_fid_states_are_float64_sums_and_the_extractor_is_not_a_state():
     metric = FID(tiny_extractor(), num_features=NUM_FEATURES)
+    # torchmetrics' FrechetInceptionDistance states: sum x, sum x x^T and the count of each side
     assert set(metric._defaults) == {
-        f"{side}_{name}" for side in ("real", "fake") for name in ("sum", "outer_sum", "count")
+        f"{side}_features_{name}" for side in ("real", "fake") for name in ("sum", "cov_sum", "num_samples")
     }
     assert all(metric._reductions[name] is dim_zero_sum for name in metric._defaults)
-    assert metric.real_outer_sum.dtype == torch.float64
+    assert metric.real_features_cov_sum.dtype == torch.float64
     assert (FID.higher_is_better, FID.is_differentiable, FID.full_state_update) == (
         False,
         False,
@@ -72,9 +73,11 @@ def test_feature_extractor_is_frozen_and_stays_in_eval_mode(metric_cls):
     assert not metric.feature_extractor.training
     assert not any(p.requires_grad for p in metric.feature_extractor.parameters())
     batch = images(8, seed=2)
+    # the path update() takes: torchmetrics' feature module for FID, _extract for PrecisionRecall
+    extract = metric.inception if metric_cls is FID else metric._extract
     # dropout is off: the same images give the same features
-    torch.testing.assert_close(metric._extract(batch), metric._extract(batch))
-    assert not metric._extract(batch).requires_grad
+    torch.testing.assert_close(extract(batch), extract(batch))
+    assert not extract(batch).requires_grad
 
 
 @pytest.mark.parametrize("metric_cls", [FID, PrecisionRecall])
@@ -107,13 +110,13 @@ def test_fid_reset_can_keep_the_real_statistics():
     metric.update(fake, real=False)
     first = metric.compute()
     metric.reset()
-    assert metric.real_count == 20 and metric.fake_count == 0
+    assert metric.real_features_num_samples == 20 and metric.fake_features_num_samples == 0
     metric.update(fake, real=False)
     torch.testing.assert_close(metric.compute(), first)
     full_reset = FID(tiny_extractor(), num_features=NUM_FEATURES)
     full_reset.update(real, real=True)
     full_reset.reset()
-    assert full_reset.real_count == 0
+    assert full_reset.real_features_num_samples == 0
 
 
 def test_precision_recall_matches_functional_on_the_extracted_features():
@@ -149,9 +152,7 @@ def test_precision_recall_validates_and_keeps_real_features_on_request():
 
 def test_attribute_kl_matches_scipy_entropy_of_argmax_counts():
     generator = torch.Generator().manual_seed(9)
-    probs = torch.softmax(
-        torch.randn(50, 3, generator=generator) + torch.tensor([1.0, 0.0, 0.0]), dim=1
-    )
+    probs = torch.softmax(torch.randn(50, 3, generator=generator) + torch.tensor([1.0, 0.0, 0.0]), dim=1)
     counts = np.bincount(probs.argmax(1).numpy(), minlength=3)
     for target in (None, [0.5, 0.25, 0.25]):
         metric = AttributeKL(num_classes=3, target=target)
