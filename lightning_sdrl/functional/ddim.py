@@ -3,35 +3,22 @@
 DDPO (Black et al. 2023) treats every denoising step ``x_t -> x_{t-1}`` of a DDIM sampler with
 ``eta > 0`` as an action drawn from an isotropic Gaussian whose mean depends on the model. This file
 computes that Gaussian for a diffusers :class:`~diffusers.DDIMScheduler`, with one timestep per
-sample (so a batch may mix timesteps), and the log-density of a given ``x_{t-1}``.
+sample (so a batch may mix timesteps), and the log-density of a given ``x_{t-1}``; the Gaussian
+machinery shared by every step kernel is in :mod:`lightning_sdrl.functional.gaussian`.
 
 Equation numbers refer to Song et al., "Denoising Diffusion Implicit Models" (2021).
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 from diffusers import DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from lightning_sdrl.functional.gaussian import StepDistribution, gaussian_log_prob, sample_step
 
-class DDIMStepDistribution(NamedTuple):
-    """The Gaussian ``p(x_{t-1} | x_t)`` of one DDIM step.
-
-    Attributes:
-        mean: ``[B, ...]`` mean of ``x_{t-1}`` (same shape as the sample).
-        std: ``[B, 1, ..., 1]`` (or ``[1, ..., 1]`` for a shared timestep) standard deviation,
-            broadcastable to the sample.
-        pred_original_sample: ``[B, ...]`` the predicted ``x_0`` (after clipping, if configured).
-    """
-
-    mean: Tensor
-    std: Tensor
-    pred_original_sample: Tensor
+DDIMStepDistribution = StepDistribution
+"""The Gaussian ``p(x_{t-1} | x_t)`` of one DDIM step (a :class:`StepDistribution`)."""
 
 
 def _step_alphas(
@@ -163,22 +150,6 @@ def ddim_step_distribution(
     return DDIMStepDistribution(mean=mean, std=std, pred_original_sample=pred_x0)
 
 
-def gaussian_log_prob(value: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """Log-density of an isotropic Gaussian, **averaged** over all non-batch dimensions.
-
-    Averaging (rather than summing) follows ddpo-pytorch, so its PPO clip ranges (e.g. 1e-4)
-    carry over unchanged.
-
-    Example:
-        >>> x = torch.zeros(2, 3)
-        >>> gaussian_log_prob(x, torch.zeros(2, 3), torch.ones(2, 1))
-        tensor([-0.9189, -0.9189])
-    """
-    value = value.to(mean.dtype)
-    log_prob = -((value - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
-    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-
-
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: Tensor,
@@ -216,33 +187,3 @@ def ddim_step_with_logprob(
             f"prev_sample has shape {list(prev_sample.shape)}; expected {list(sample.shape)} (the sample's)"
         )
     return prev_sample, gaussian_log_prob(prev_sample, dist.mean, dist.std)
-
-
-def sample_step(
-    dist: DDIMStepDistribution,
-    dtype: torch.dtype,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Draw ``x_{t-1}`` from a step distribution; returns it (in ``dtype``) and its log-prob ``[B]``.
-
-    The log-prob is that of the sample after casting to ``dtype``, so re-scoring the stored
-    sample later gives the same number.
-    """
-    noise = randn_tensor(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
-    prev_sample = (dist.mean + dist.std * noise).to(dtype)
-    return prev_sample, gaussian_log_prob(prev_sample, dist.mean, dist.std)
-
-
-def gaussian_kl_same_std(mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor:
-    """KL(p || q) of two isotropic Gaussians with one shared std, averaged over non-batch dims.
-
-    For two DDIM step distributions at the same ``x_t`` (same ``sigma_t``), the KL is
-    ``||mu_p - mu_q||^2 / (2 sigma_t^2)``: exact, no sampling estimate. Averaged over dimensions
-    like :func:`gaussian_log_prob`.
-
-    Example:
-        >>> gaussian_kl_same_std(torch.ones(1, 4), torch.zeros(1, 4), torch.full((1, 1), 0.5))
-        tensor([2.])
-    """
-    kl = (mean_p - mean_q) ** 2 / (2 * std**2)
-    return kl.mean(dim=tuple(range(1, kl.ndim)))

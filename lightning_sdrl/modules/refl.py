@@ -23,11 +23,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lightning_sdrl.data.sampling import PromptBatch
-from lightning_sdrl.functional.ddim import gaussian_kl_same_std, sample_step
+from lightning_sdrl.functional.gaussian import gaussian_kl_same_std, sample_step
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, check_checkpoint_keys, check_finite_state
 from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.rewards.base import RewardModule, check_reward_output
 from lightning_sdrl.validation import check_positive_ints
 
@@ -116,7 +117,7 @@ class ReFLModule(GenerationModule):
         low, high = hp.grad_step_range
         return int(torch.randint(low, high, (1,), generator=generator))
 
-    def _step_kl(self, dist: Any, sample: Tensor, timesteps: Tensor, conditions: Tensor) -> Tensor:
+    def _step_kl(self, dist: Any, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
         """KL(p_theta || p_pretrained) of one step, mean over the batch (0 when beta = 0)."""
         if self.hparams.kl_weight == 0:
             return dist.mean.new_zeros(())

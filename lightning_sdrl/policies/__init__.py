@@ -2,6 +2,8 @@
 
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.policies.class_conditional import ClassConditionalPolicy
+from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.kernels import DDIMStep, StepKernel
 from lightning_sdrl.policies.lora import LoRASettings
 from lightning_sdrl.policies.text_to_image import (
     RandomTextToImagePolicy,
@@ -12,10 +14,13 @@ from lightning_sdrl.policies.text_to_image import (
 
 __all__ = [
     "ClassConditionalPolicy",
+    "Conditioning",
+    "DDIMStep",
     "DiffusionPolicy",
     "LoRASettings",
     "RandomTextToImagePolicy",
     "StableDiffusionPolicy",
+    "StepKernel",
     "TextToImageComponents",
     "TextToImagePolicy",
     "Trajectory",

@@ -3,7 +3,8 @@
 :class:`DiffusionPolicy` is the one interface DDPO and ReFL train. A subclass says how to turn
 prompts into conditioning, how to run its denoiser and how to decode a final sample into images;
 the sampling loop, classifier-free guidance (batched into one denoiser call) and step
-log-probabilities live here once.
+log-probabilities live here once. The step itself is the policy's :class:`~.kernels.StepKernel`
+(DDIM by default), and conditioning is a :class:`~.conditioning.Conditioning` of named tensors.
 """
 
 from __future__ import annotations
@@ -15,16 +16,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from lightning_sdrl.functional.ddim import (
-    DDIMStepDistribution,
-    ddim_step_distribution,
-    gaussian_log_prob,
-    sample_step,
-)
+from lightning_sdrl.functional.gaussian import StepDistribution, gaussian_log_prob, sample_step
+from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.kernels import StepKernel
 from lightning_sdrl.policies.loading import load_component
 from lightning_sdrl.policies.lora import (
     LORA_WEIGHTS_FILE,
@@ -47,8 +44,8 @@ class Trajectory:
             ``latents[:, j + 1]``).
         log_probs: ``[B, T]`` log-probability of each step under the sampling policy (averaged
             over latent dimensions, see :func:`~lightning_sdrl.functional.ddim_step_with_logprob`).
-        conditions: ``[B, ...]`` the policy's conditioning of each sample (prompt embeddings,
-            class indices).
+        conditions: the policy's :class:`Conditioning` of each sample (prompt embeddings, class
+            labels, ...; ``B`` rows).
         prompt_ids: ``[B]`` index of each sample's prompt in the prompt source.
         prompts: the ``B`` prompts.
         images: ``[B, 3, H, W]`` decoded final samples in ``[0, 1]``.
@@ -59,7 +56,7 @@ class Trajectory:
     latents: Tensor
     timesteps: Tensor
     log_probs: Tensor
-    conditions: Tensor
+    conditions: Conditioning
     prompt_ids: Tensor
     prompts: list[str]
     images: Tensor
@@ -80,6 +77,8 @@ class Trajectory:
             value = getattr(self, field.name)
             if value is None:
                 values[field.name] = None
+            elif isinstance(value, Conditioning):
+                values[field.name] = value.select(index)
             elif isinstance(value, Tensor):
                 values[field.name] = value[index.to(value.device)]
             else:
@@ -96,6 +95,8 @@ class Trajectory:
             parts = [getattr(t, field.name) for t in trajectories]
             if any(part is None for part in parts):
                 values[field.name] = None
+            elif isinstance(parts[0], Conditioning):
+                values[field.name] = Conditioning.cat(parts)
             elif isinstance(parts[0], Tensor):
                 values[field.name] = torch.cat(parts)
             else:
@@ -104,10 +105,10 @@ class Trajectory:
 
 
 class DiffusionPolicy(nn.Module, abc.ABC):
-    """A conditional diffusion model sampled with DDIM, whose step log-probs can be recomputed.
+    """A conditional diffusion model sampled with a stochastic step kernel, whose step log-probs can be recomputed.
 
-    Subclasses set ``self.unet`` (the trained denoiser), ``self.scheduler`` (a
-    ``DDIMScheduler``) and implement the four abstract methods.
+    Subclasses set ``self.unet`` (the trained denoiser) and ``self.kernel`` (a
+    :class:`~.kernels.StepKernel`, e.g. ``DDIMStep(scheduler)``), and implement the abstract methods.
 
     Args:
         lora: LoRA settings for the denoiser; ``None`` fine-tunes all its weights.
@@ -115,7 +116,7 @@ class DiffusionPolicy(nn.Module, abc.ABC):
     """
 
     unet: nn.Module
-    scheduler: DDIMScheduler
+    kernel: StepKernel
 
     def __init__(self, lora: LoRASettings | None = None, gradient_checkpointing: bool = False) -> None:
         super().__init__()
@@ -124,15 +125,15 @@ class DiffusionPolicy(nn.Module, abc.ABC):
 
     # ----------------------------------------------------------------- subclass interface
     @abc.abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Conditioning for each prompt, ``[B, ...]``."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Conditioning for each prompt (``B`` rows)."""
 
     @abc.abstractmethod
-    def null_condition(self, batch_size: int) -> Tensor:
-        """The unconditional conditioning for classifier-free guidance, ``[B, ...]``."""
+    def null_condition(self, batch_size: int) -> Conditioning:
+        """The unconditional conditioning for classifier-free guidance (``batch_size`` rows)."""
 
     @abc.abstractmethod
-    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Tensor) -> Tensor:
+    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
         """The denoiser's raw output at ``sample`` (``timesteps`` is ``[B]``)."""
 
     @abc.abstractmethod
@@ -145,6 +146,11 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """``(C, H, W)`` of one sample ``x_t``."""
 
     # ----------------------------------------------------------------- shared machinery
+    @property
+    def scheduler(self) -> object:
+        """The kernel's diffusers scheduler (the noise schedule)."""
+        return self.kernel.scheduler
+
     def _setup_trainable(self) -> None:
         """Freeze everything, then make the denoiser (or its LoRA layers) trainable."""
         self.requires_grad_(False)
@@ -169,17 +175,19 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """Parameter dtype of the denoiser."""
         return next(self.unet.parameters()).dtype
 
-    def guided_prediction(self, sample: Tensor, timesteps: Tensor, conditions: Tensor, guidance_scale: float) -> Tensor:
+    def guided_prediction(
+        self, sample: Tensor, timesteps: Tensor, conditions: Conditioning, guidance_scale: float
+    ) -> Tensor:
         """Denoiser output with classifier-free guidance, both branches in one denoiser call."""
         return self._guided(sample, timesteps, self._guidance_conditions(conditions, guidance_scale), guidance_scale)
 
-    def _guidance_conditions(self, conditions: Tensor, guidance_scale: float) -> Tensor:
+    def _guidance_conditions(self, conditions: Conditioning, guidance_scale: float) -> Conditioning:
         """``[null; conditions]`` stacked once for guided calls (``conditions`` without guidance)."""
         if guidance_scale == 1.0:
             return conditions
-        return torch.cat([self.null_condition(conditions.shape[0]).to(conditions.dtype), conditions])
+        return conditions.with_null(self.null_condition(conditions.batch_size))
 
-    def _guided(self, sample: Tensor, timesteps: Tensor, both: Tensor, guidance_scale: float) -> Tensor:
+    def _guided(self, sample: Tensor, timesteps: Tensor, both: Conditioning, guidance_scale: float) -> Tensor:
         if guidance_scale == 1.0:
             return self.denoise(sample, timesteps, both)
         output = self.denoise(torch.cat([sample, sample]), timesteps.repeat(2), both)
@@ -187,12 +195,10 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         return uncond + guidance_scale * (cond - uncond)
 
     def set_num_steps(self, num_steps: int) -> Tensor:
-        """Set the scheduler's inference timesteps; returns them (``[T]``, on the device)."""
+        """Set the kernel's inference timesteps; returns them (``[T]``, on the device)."""
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps}; expected at least 1 denoising step")
-        if self.scheduler.num_inference_steps != num_steps:
-            self.scheduler.set_timesteps(num_steps)
-        return self.scheduler.timesteps.to(self.device)
+        return self.kernel.set_timesteps(num_steps).to(self.device)
 
     @torch.no_grad()
     def sample(
@@ -209,8 +215,8 @@ class DiffusionPolicy(nn.Module, abc.ABC):
 
         Args:
             prompts: ``B`` prompts (or class names for class-conditional policies).
-            num_steps: DDIM steps ``T``.
-            eta: DDIM noise weight in ``(0, 1]``.
+            num_steps: sampling steps ``T``.
+            eta: the kernel's noise weight (DDIM's ``eta`` in ``(0, 1]``).
             guidance_scale: classifier-free guidance weight (1 disables guidance).
             generator: random generator on the policy's device, for reproducible samples.
             prompt_ids: ``[B]`` ids of the prompts (default ``0..B-1``).
@@ -226,9 +232,9 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         latents, log_probs, means = [x], [], []
         both = self._guidance_conditions(conditions, guidance_scale)
         # The step math reads timesteps on the CPU (no device synchronisation per step).
-        for t, t_cpu in zip(timesteps, self.scheduler.timesteps, strict=True):
+        for t, t_cpu in zip(timesteps, self.kernel.scheduler.timesteps, strict=True):
             model_output = self._guided(x, t.expand(batch), both, guidance_scale)
-            dist = ddim_step_distribution(self.scheduler, model_output, t_cpu, x, eta)
+            dist = self.kernel.distribution(model_output, t_cpu, x, eta)
             x, log_prob = sample_step(dist, x.dtype, generator)
             latents.append(x)
             log_probs.append(log_prob)
@@ -250,13 +256,13 @@ class DiffusionPolicy(nn.Module, abc.ABC):
     def run_steps(
         self,
         sample: Tensor,
-        conditions: Tensor,
+        conditions: Conditioning,
         timesteps: Tensor,
         eta: float = 1.0,
         guidance_scale: float = 5.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Run the DDIM steps at ``timesteps`` (``[S]``) from ``sample``; returns the last sample.
+        """Run the kernel's steps at ``timesteps`` (``[S]``) from ``sample``; returns the last sample.
 
         Gradients flow if the caller enables them (ReFL runs the early steps under no_grad).
         """
@@ -264,7 +270,7 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         both = self._guidance_conditions(conditions, guidance_scale)
         for t in timesteps:
             model_output = self._guided(sample, t.expand(batch), both, guidance_scale)
-            dist = ddim_step_distribution(self.scheduler, model_output, t.cpu(), sample, eta)
+            dist = self.kernel.distribution(model_output, t.cpu(), sample, eta)
             sample, _ = sample_step(dist, sample.dtype, generator)
         return sample
 
@@ -272,13 +278,13 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         self,
         sample: Tensor,
         timesteps: Tensor,
-        conditions: Tensor,
+        conditions: Conditioning,
         eta: float = 1.0,
         guidance_scale: float = 5.0,
-    ) -> DDIMStepDistribution:
+    ) -> StepDistribution:
         """The Gaussian of the step from ``sample`` at ``timesteps`` ``[B]`` (with gradients)."""
         model_output = self.guided_prediction(sample, timesteps, conditions, guidance_scale)
-        return ddim_step_distribution(self.scheduler, model_output, timesteps, sample, eta)
+        return self.kernel.distribution(model_output, timesteps, sample, eta)
 
     def step_log_prob(
         self,
@@ -286,7 +292,7 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         step: Tensor,
         eta: float = 1.0,
         guidance_scale: float = 5.0,
-    ) -> tuple[Tensor, DDIMStepDistribution]:
+    ) -> tuple[Tensor, StepDistribution]:
         """Log-prob ``[B]`` of the stored step ``step[i]`` of each trajectory ``i``, with gradients.
 
         Args:

@@ -15,6 +15,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch import Tensor
 
 from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.kernels import DDIMStep
 from lightning_sdrl.policies.loading import check_source, load_component
 from lightning_sdrl.policies.lora import LoRASettings
 
@@ -50,7 +52,7 @@ class ClassConditionalPolicy(DiffusionPolicy):
                 "is the null class for classifier-free guidance)"
             )
         self.unet = unet
-        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.kernel = DDIMStep(scheduler)
         self.class_names = list(class_names)
         self._class_index = {name: i for i, name in enumerate(self.class_names)}
         self._setup_trainable()
@@ -92,20 +94,20 @@ class ClassConditionalPolicy(DiffusionPolicy):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, height, width)
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Class indices ``[B]`` of the prompts (each must be one of ``class_names``)."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Class labels ``[B]`` of the prompts (each must be one of ``class_names``)."""
         unknown = sorted({p for p in prompts if p not in self._class_index})
         if unknown:
             raise ValueError(f"prompts {unknown} are not class names; expected one of {self.class_names}")
-        return torch.tensor([self._class_index[p] for p in prompts], device=self.device)
+        return Conditioning(class_labels=torch.tensor([self._class_index[p] for p in prompts], device=self.device))
 
-    def null_condition(self, batch_size: int) -> Tensor:
-        """The null class index, ``[B]``."""
-        return torch.full((batch_size,), len(self.class_names), device=self.device)
+    def null_condition(self, batch_size: int) -> Conditioning:
+        """The null class label, ``[B]``."""
+        return Conditioning(class_labels=torch.full((batch_size,), len(self.class_names), device=self.device))
 
-    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Tensor) -> Tensor:
-        """UNet output for class indices ``conditions``."""
-        return self.unet(sample, timesteps, class_labels=conditions.long()).sample
+    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
+        """UNet output for the class labels of ``conditions``."""
+        return self.unet(sample, timesteps, class_labels=conditions["class_labels"].long()).sample
 
     def decode(self, sample: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` from pixel samples in ``[-1, 1]``."""

@@ -6,14 +6,10 @@ import torch
 from diffusers import DDIMScheduler
 
 import lightning_sdrl
-from lightning_sdrl.functional.ddim import (
-    ddim_step_distribution,
-    ddim_step_with_logprob,
-    gaussian_kl_same_std,
-    gaussian_log_prob,
-)
+from lightning_sdrl.functional.ddim import ddim_step_distribution, ddim_step_with_logprob
+from lightning_sdrl.functional.gaussian import gaussian_kl_same_std, gaussian_log_prob
 
-DIGITS_SCHEDULER_DIR = Path(lightning_sdrl.__file__).parent / "assets" / "digits" / "diffusion" / "scheduler"
+DIGITS_SCHEDULER_DIR = Path(lightning_sdrl.__file__).parent / "digits" / "assets" / "diffusion" / "scheduler"
 
 # every timestep layout diffusers' DDIMScheduler offers, with both final alphas and a few step counts
 ALL_SCHEDULES = [

@@ -96,9 +96,9 @@ def test_lora_export_loads_in_stable_diffusion_pipeline(tmp_path, tiny_sd_dir):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     cond = policy.encode_prompts(["a", "b"])
-    base = pipe.unet(x, t, encoder_hidden_states=cond).sample
+    base = pipe.unet(x, t, **cond).sample
     pipe.load_lora_weights(tmp_path / "lora")
-    loaded = pipe.unet(x, t, encoder_hidden_states=cond).sample
+    loaded = pipe.unet(x, t, **cond).sample
     ours = policy.denoise(x, t, cond)
     assert not torch.allclose(base, ours, atol=1e-4)
     torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-5)
@@ -109,7 +109,7 @@ def test_full_unet_export_round_trip(tmp_path, tiny_components):
     policy.save_trained(tmp_path / "out")
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet")
     x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([3]), policy.encode_prompts(["a"])
-    torch.testing.assert_close(unet(x, t, encoder_hidden_states=cond).sample, policy.denoise(x, t, cond))
+    torch.testing.assert_close(unet(x, t, **cond).sample, policy.denoise(x, t, cond))
 
 
 def test_missing_local_directory_names_the_path(tmp_path):
@@ -173,7 +173,7 @@ def test_class_conditional_save_and_load(tmp_path):
     loaded.save_trained(tmp_path / "lora")
     fresh = ClassConditionalPolicy.from_pretrained(str(tmp_path / "model"), lora=LoRASettings(rank=2))
     fresh.load_trained(tmp_path / "lora")
-    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([5, 700]), torch.tensor([0, 2])
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([5, 700]), loaded.encode_prompts(["zero", "two"])
     torch.testing.assert_close(fresh.denoise(x, t, c), loaded.denoise(x, t, c))
     with pytest.raises(ValueError, match="num_class_embeds"):
         ClassConditionalPolicy(tiny_class_conditional_unet(3), stable_diffusion_scheduler(), ["a", "b"])
