@@ -5,21 +5,38 @@ import pytest
 
 from lightning_sdrl.callbacks import AttributeTracker, classified_ratio
 from lightning_sdrl.data.sampling import SamplingDataModule
+from lightning_sdrl.digits.classifier import DigitsClassifier
+from lightning_sdrl.functional.advantages import PerPromptAdvantages
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
 from lightning_sdrl.rewards.attribute import BalanceReward
-from lightning_sdrl.rewards.classifiers import DigitsClassifier
 
 
 def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
     reward = BalanceReward(DigitsClassifier(), groups=[[0], [6, 8, 9]], threshold=0.3)
-    module = DDPOModule(RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)), reward, num_steps=2,
-                        guidance_scale=1.0, train_batch_size=4, stat_min_count=4, sample_grid_every_n_epochs=0,
-                        save_trained_on_end=False)
+    module = DDPOModule(
+        RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
+        reward,
+        num_steps=2,
+        guidance_scale=1.0,
+        train_batch_size=4,
+        advantages=PerPromptAdvantages(min_count=4),
+        sample_grid_every_n_epochs=0,
+        save_trained_on_end=False,
+    )
     tracker = AttributeTracker(num_grid_images=4)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[tracker])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[tracker],
+    )
     trainer.fit(module, SamplingDataModule(prompts=["a digit with a loop"], batch_size=4, num_batches_per_epoch=1))
     summary = json.loads((tmp_path / "attributes.json").read_text())
     assert [r["epoch"] for r in summary["history"]] == [0, 1]
@@ -42,13 +59,30 @@ def test_attribute_tracker_eval_samples_use_the_same_noise_every_epoch(tmp_path)
     with pytest.raises(ValueError, match="eval_samples=-1"):
         AttributeTracker(eval_samples=-1)
     reward = BalanceReward(DigitsClassifier(), groups=[[0], [6, 8, 9]], threshold=0.3)
-    module = DDPOModule(RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)), reward, num_steps=2,
-                        guidance_scale=1.0, train_batch_size=4, stat_min_count=4, sample_grid_every_n_epochs=0,
-                        save_trained_on_end=False, optimizer=lambda p: torch.optim.SGD(p, lr=10.0))
+    module = DDPOModule(
+        RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
+        reward,
+        num_steps=2,
+        guidance_scale=1.0,
+        train_batch_size=4,
+        advantages=PerPromptAdvantages(min_count=4),
+        sample_grid_every_n_epochs=0,
+        save_trained_on_end=False,
+        optimizer=lambda p: torch.optim.SGD(p, lr=10.0),
+    )
     tracker = AttributeTracker(num_grid_images=4, eval_samples=6, eval_seed=7, threshold=0.3)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[tracker])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[tracker],
+    )
     trainer.fit(module, SamplingDataModule(prompts=["a digit with a loop"], batch_size=4, num_batches_per_epoch=1))
     last = tracker.history[-1]["eval_shares"]
     assert abs(sum(last.values()) - 1) < 1e-6

@@ -26,11 +26,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_sdrl.data.sampling import PromptBatch, derive_seed
+from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.figures import save_captioned_grid
-from lightning_sdrl.functional.ddim import gaussian_kl_same_std
+from lightning_sdrl.functional.advantages import AdvantageRule, PerPromptAdvantages
+from lightning_sdrl.functional.gaussian import gaussian_kl_same_std
 from lightning_sdrl.functional.ppo import PolicyLoss, clip_advantages, ppo_clip_loss, truly_ppo_loss
-from lightning_sdrl.functional.stat_tracking import PerPromptStatTracker, batch_advantages
+from lightning_sdrl.functional.seeding import derive_seed
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, all_finite, check_checkpoint_keys, check_finite_state
@@ -138,12 +139,10 @@ class DDPOModule(GenerationModule):
         clip_range: PPO ratio clip range ``epsilon``.
         adv_clip_max: advantages are clamped to ``[-adv_clip_max, adv_clip_max]``.
         max_grad_norm: gradient-norm clip before each step (``None`` disables).
-        per_prompt_stat_tracking: normalise rewards per prompt (else over the whole batch).
-        scale_advantages: divide batch-normalised advantages by the batch's reward std. ``False``
-            only centres them, so a reward whose size carries meaning (R_balance shrinks to 0 at
-            balance) keeps it and updates fade near the goal. Ignored with per-prompt tracking.
-        stat_buffer_size: rewards kept per prompt by the tracker.
-        stat_min_count: rewards a prompt needs before its own statistics are used.
+        advantages: the rule turning an epoch's rewards into advantages
+            (:mod:`lightning_sdrl.functional.advantages`): ``PerPromptAdvantages`` (DDPO's per-prompt
+            statistics), ``BatchNormalizedAdvantages`` or ``CenteredAdvantages`` (for a reward whose
+            size carries meaning, as R_balance's). ``None``: ``PerPromptAdvantages(16, 16)``.
         trust_region: ``"clip"`` (PPO) or ``"truly"`` (Truly PPO: rollback when the exact step
             KL to the sampling policy exceeds ``kl_threshold``).
         kl_threshold: trust-region radius ``delta`` (per-dimension KL of one step).
@@ -176,10 +175,7 @@ class DDPOModule(GenerationModule):
         clip_range: float = 1e-4,
         adv_clip_max: float = 5.0,
         max_grad_norm: float | None = 1.0,
-        per_prompt_stat_tracking: bool = True,
-        scale_advantages: bool = True,
-        stat_buffer_size: int = 16,
-        stat_min_count: int = 16,
+        advantages: AdvantageRule | None = None,
         trust_region: Literal["clip", "truly"] = "clip",
         kl_threshold: float = 1e-4,
         rollback_coef: float = 10.0,
@@ -210,14 +206,14 @@ class DDPOModule(GenerationModule):
             num_inner_epochs=num_inner_epochs,
             gradient_accumulation_steps=gradient_accumulation_steps,
         )
-        self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "lr_scheduler", "evaluation"])
+        self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "lr_scheduler", "evaluation", "advantages"])
         self.keep_step_means = trust_region == "truly"
         self.evaluation = evaluation
         self.automatic_optimization = False
         self.strict_loading = not checkpoint_trainable_only
         self.policy, self.reward, self.optimizer_factory = policy, reward, optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
+        self.advantage_rule = PerPromptAdvantages(16, 16) if advantages is None else advantages
         self._epoch_samples: list[tuple[Trajectory, Tensor]] = []
         self.skipped_epochs = 0
         self.dropped_samples = 0
@@ -255,7 +251,7 @@ class DDPOModule(GenerationModule):
 
         Non-finite weights are never written (``FloatingPointError``).
         """
-        checkpoint["stat_tracker"] = self.tracker.state_dict()
+        checkpoint["stat_tracker"] = self.advantage_rule.state_dict()
         checkpoint["skipped_epochs"] = self.skipped_epochs
         checkpoint["fault_counters"] = {**self.guard.state_dict(), "dropped_samples": self.dropped_samples}
         if self.hparams.checkpoint_trainable_only:
@@ -268,7 +264,7 @@ class DDPOModule(GenerationModule):
         trainable = [name for name, p in self.named_parameters() if p.requires_grad]
         check_checkpoint_keys(checkpoint.get("state_dict", {}), trainable, self.state_dict().keys())
         if "stat_tracker" in checkpoint:
-            self.tracker.load_state_dict(checkpoint["stat_tracker"])
+            self.advantage_rule.load_state_dict(checkpoint["stat_tracker"])
         self.skipped_epochs = checkpoint.get("skipped_epochs", 0)
         counters = checkpoint.get("fault_counters", {})
         self.guard.load_state_dict(counters)
@@ -301,13 +297,10 @@ class DDPOModule(GenerationModule):
         gathered = self.all_gather(tensor)
         return gathered.flatten() if self.trainer.world_size > 1 else gathered
 
-    def advantages(self, prompt_ids: Tensor, rewards: Tensor) -> Tensor:
-        """Advantages ``[N]`` of finite rewards ``[N]`` (per-prompt, batch-normalised or centred)."""
-        if self.hparams.per_prompt_stat_tracking:
-            return self.tracker.update(prompt_ids.tolist(), rewards)
-        if self.hparams.scale_advantages:
-            return batch_advantages(rewards)
-        return rewards - rewards.mean()
+    @property
+    def tracker(self) -> AdvantageRule:
+        """The advantage rule (with its per-prompt buffers, for ``PerPromptAdvantages``)."""
+        return self.advantage_rule
 
     def update(self, trajectory: Trajectory, rewards: Tensor) -> None:
         """Advantages from the epoch's finite rewards, then ``num_inner_epochs`` of PPO updates.
@@ -343,7 +336,7 @@ class DDPOModule(GenerationModule):
                 self.dropped_samples,
             )
         all_advantages = torch.full_like(all_rewards, float("nan"))
-        all_advantages[finite] = self.advantages(all_ids[finite], all_rewards[finite])
+        all_advantages[finite] = self.advantage_rule(all_ids[finite].tolist(), all_rewards[finite])
         self.last_update.advantages = all_advantages
         kept_rewards = all_rewards[finite]
         self.reward_history.append(kept_rewards.mean().detach().cpu())

@@ -8,6 +8,7 @@ import torch
 
 from lightning_sdrl.cli import main, run_cli
 from lightning_sdrl.data.sampling import SamplingDataModule
+from lightning_sdrl.functional.advantages import PerPromptAdvantages
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
 from lightning_sdrl.rewards.simple import Brightness
@@ -39,7 +40,7 @@ def tiny_module(reward=None, architecture="tiny-pixel", **kwargs):
         guidance_scale=2.0,
         train_batch_size=4,
         clip_range=0.1,
-        stat_min_count=4,
+        advantages=PerPromptAdvantages(min_count=4),
         sample_grid_every_n_epochs=0,
         save_trained_on_end=False,
     )

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_sdrl.data.sampling import SamplingDataModule
+from lightning_sdrl.functional.advantages import BatchNormalizedAdvantages
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
 from lightning_sdrl.rewards.simple import Brightness
@@ -49,8 +50,7 @@ def test_one_update_is_an_sgd_step_on_the_hand_computed_ppo_loss(tmp_path, old_l
         timestep_fraction=1.0,
         clip_range=CLIP_RANGE,
         max_grad_norm=None,
-        per_prompt_stat_tracking=False,
-        scale_advantages=True,
+        advantages=BatchNormalizedAdvantages(),
         sample_grid_every_n_epochs=0,
         save_trained_on_end=False,
     )

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lightning_sdrl.data.sampling import SamplingDataModule
+from lightning_sdrl.functional.advantages import BatchNormalizedAdvantages
 from lightning_sdrl.functional.stat_tracking import batch_advantages
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.modules.guards import NonFiniteGuard
@@ -50,8 +51,7 @@ def ddpo(reward=None, **kwargs):
         guidance_scale=2.0,
         train_batch_size=4,
         clip_range=0.1,
-        stat_min_count=4,
-        per_prompt_stat_tracking=False,
+        advantages=BatchNormalizedAdvantages(),
         sample_grid_every_n_epochs=0,
         save_trained_on_end=False,
     )
