@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_sdrl.data.reference import ReferenceSet
+from lightning_sdrl.functional.classifier_rewards import group_probabilities
 from lightning_sdrl.metrics.attribute_kl import AttributeKL
 from lightning_sdrl.metrics.fid import FID
 from lightning_sdrl.metrics.precision_recall import PrecisionRecall
-from lightning_sdrl.rewards.attribute import group_probabilities
+from lightning_sdrl.reference import ReferenceSet
 
 
 class GenerationMetrics(nn.Module):

@@ -6,14 +6,20 @@ depend on weight values).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from lightning_sdrl.policies.text_to_image import TextToImageComponents
+from lightning_sdrl.policies.components import TextToImageComponents
+from lightning_sdrl.policies.pixel import PixelTextToImageArchitecture, pixel_text_to_image_components
+from lightning_sdrl.policies.text_encoders import clip_text_encoder
 from lightning_sdrl.policies.tokenizers import char_clip_tokenizer, clip_tokenizer
 
-ARCHITECTURES = ("tiny", "tiny-pixel", "sd15")
+ArchitectureName = Literal["tiny", "tiny-pixel", "sd15", "digits"]
+"""The names of :data:`ARCHITECTURES`."""
 
 
 def stable_diffusion_scheduler() -> DDIMScheduler:
@@ -29,35 +35,8 @@ def stable_diffusion_scheduler() -> DDIMScheduler:
     )
 
 
-def _text_encoder(tokenizer_len: int, hidden: int, layers: int, heads: int, ffn: int, max_length: int) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=tokenizer_len,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=max_length,
-        hidden_act="quick_gelu",
-        projection_dim=hidden,
-        bos_token_id=tokenizer_len - 2,
-        eos_token_id=tokenizer_len - 1,
-        pad_token_id=tokenizer_len - 1,
-    )
-    return CLIPTextModel(config).eval()
-
-
-def text_to_image_components(architecture: str = "tiny", seed: int = 0) -> TextToImageComponents:
-    """Randomly initialised components of a named architecture.
-
-    - ``"tiny"``: latent UNet with channels (16, 32) and one cross-attention block on 8x8
-      latents, a 2-layer width-32 CLIP text encoder over a character-level tokenizer, and a
-      2-block VAE (16x16 images).
-    - ``"tiny-pixel"``: the same UNet and text encoder diffusing 3x16x16 pixels, no VAE.
-    - ``"sd15"``: Stable Diffusion 1.5's UNet, VAE (512x512 images) and CLIP ViT-L/14 text
-      encoder, with the real CLIP tokenizer.
-    """
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture={architecture!r}; expected one of {ARCHITECTURES}")
+def _sd_style_components(architecture: str, seed: int) -> TextToImageComponents:
+    """``"tiny"``, ``"tiny-pixel"`` or ``"sd15"`` (see :data:`ARCHITECTURES`), seeded."""
     torch.manual_seed(seed)
     if architecture in ("tiny", "tiny-pixel"):
         pixel = architecture == "tiny-pixel"
@@ -88,7 +67,7 @@ def text_to_image_components(architecture: str = "tiny", seed: int = 0) -> TextT
             if not pixel
             else None
         )
-        text_encoder = _text_encoder(len(tokenizer), 32, 2, 4, 37, 16)
+        text_encoder = clip_text_encoder(len(tokenizer), 32, 2, 4, 37, 16)
     else:
         tokenizer = clip_tokenizer(max_length=77)
         unet = UNet2DConditionModel(
@@ -107,10 +86,58 @@ def text_to_image_components(architecture: str = "tiny", seed: int = 0) -> TextT
             sample_size=512,
             scaling_factor=0.18215,
         )
-        text_encoder = _text_encoder(len(tokenizer), 768, 12, 12, 3072, 77)
+        text_encoder = clip_text_encoder(len(tokenizer), 768, 12, 12, 3072, 77)
     return TextToImageComponents(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=stable_diffusion_scheduler(), vae=vae
     )
+
+
+@dataclass(frozen=True)
+class NamedArchitecture:
+    """One entry of :data:`ARCHITECTURES`: what it is and how to build it with random weights.
+
+    Attributes:
+        description: what the architecture is and what it is for.
+        build: ``seed -> components`` (all weights drawn after ``torch.manual_seed(seed)``).
+    """
+
+    description: str
+    build: Callable[[int], TextToImageComponents]
+
+
+ARCHITECTURES: dict[str, NamedArchitecture] = {
+    "tiny": NamedArchitecture(
+        "latent UNet with channels (16, 32) and one cross-attention block on 8x8 latents, a 2-layer "
+        "width-32 CLIP text encoder over a character-level tokenizer, a 2-block VAE (16x16 images); CPU tests",
+        lambda seed: _sd_style_components("tiny", seed),
+    ),
+    "tiny-pixel": NamedArchitecture(
+        "the tiny UNet and text encoder diffusing 3x16x16 pixels, no VAE; CPU tests",
+        lambda seed: _sd_style_components("tiny-pixel", seed),
+    ),
+    "sd15": NamedArchitecture(
+        "Stable Diffusion 1.5's exact UNet, VAE (512x512 images) and CLIP ViT-L/14 text encoder with the "
+        "real CLIP tokenizer; benchmarks (time does not depend on weight values)",
+        lambda seed: _sd_style_components("sd15", seed),
+    ),
+    "digits": NamedArchitecture(
+        "the digits miniature's 16x16 pixel model (PixelTextToImageArchitecture defaults), untrained",
+        lambda seed: pixel_text_to_image_components(PixelTextToImageArchitecture(), seed),
+    ),
+}
+"""Every named text-to-image architecture, by the names :data:`ArchitectureName` allows."""
+
+
+def text_to_image_components(architecture: ArchitectureName = "tiny", seed: int = 0) -> TextToImageComponents:
+    """Randomly initialised components of a named architecture (:data:`ARCHITECTURES`).
+
+    Example:
+        >>> text_to_image_components("tiny-pixel").vae is None
+        True
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture].build(seed)
 
 
 def tiny_class_conditional_unet(

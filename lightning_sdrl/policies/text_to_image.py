@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
 
+from lightning_sdrl.policies.architectures import ArchitectureName, text_to_image_components
 from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.policies.components import TextToImageComponents
+from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.kernels import DDIMStep
 from lightning_sdrl.policies.loading import check_source, load_clip_tokenizer, load_component
 from lightning_sdrl.policies.lora import LoRASettings
 from lightning_sdrl.policies.tokenizers import token_ids
-
-
-@dataclass
-class TextToImageComponents:
-    """The parts of a text-to-image diffusion model (``vae=None`` means pixel-space diffusion)."""
-
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: DDIMScheduler
-    vae: AutoencoderKL | None = None
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write every component into its diffusers subfolder of ``directory``."""
-        directory = Path(directory)
-        for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
-            component = getattr(self, name)
-            if component is not None:
-                component.save_pretrained(directory / name)
-        index = {"_class_name": "StableDiffusionPipeline" if self.vae is not None else "PixelTextToImage"}
-        (directory / "model_index.json").write_text(json.dumps(index, indent=2))
-        return directory
 
 
 def load_text_to_image_components(
@@ -92,8 +72,8 @@ class TextToImagePolicy(DiffusionPolicy):
         self.text_encoder = components.text_encoder
         self.vae = components.vae
         self.tokenizer = components.tokenizer
-        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
-        self._null_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self.kernel = DDIMStep(components.scheduler)
+        self._null_cache: dict[tuple[torch.device, torch.dtype], Conditioning] = {}
         self._setup_trainable()
         self.text_encoder.eval()
         if self.vae is not None:
@@ -110,22 +90,23 @@ class TextToImagePolicy(DiffusionPolicy):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, height, width)
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """CLIP text embeddings ``[B, L, D]`` (padded to the tokenizer's max length)."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """CLIP text embeddings ``encoder_hidden_states`` ``[B, L, D]`` (padded to the tokenizer's max length)."""
         ids = token_ids(self.tokenizer, prompts, self.text_encoder.device)
         with torch.no_grad():
-            return self.text_encoder(ids)[0]
+            return Conditioning(encoder_hidden_states=self.text_encoder(ids)[0])
 
-    def null_condition(self, batch_size: int) -> Tensor:
+    def null_condition(self, batch_size: int) -> Conditioning:
         """Embedding of the empty prompt, ``[B, L, D]`` (computed once per device)."""
         key = (self.text_encoder.device, self.text_encoder.dtype)
         if key not in self._null_cache:
             self._null_cache = {key: self.encode_prompts([""])}
-        return self._null_cache[key].expand(batch_size, -1, -1)
+        return self._null_cache[key].expand(batch_size)
 
-    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Tensor) -> Tensor:
-        """UNet output given text embeddings ``conditions``."""
-        return self.unet(sample, timesteps, encoder_hidden_states=conditions.to(self.unet.dtype)).sample
+    def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
+        """UNet output given the text embeddings of ``conditions``."""
+        hidden = conditions["encoder_hidden_states"].to(self.unet.dtype)
+        return self.unet(sample, timesteps, encoder_hidden_states=hidden).sample
 
     def decode(self, sample: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` (VAE decode, or pixels directly)."""
@@ -167,10 +148,11 @@ class RandomTextToImagePolicy(TextToImagePolicy):
     """A randomly initialised text-to-image model of a named architecture.
 
     ``"tiny"`` is a few-thousand-parameter latent model for CPU tests; ``"sd15"`` has Stable
-    Diffusion 1.5's exact architecture (for benchmarks: time does not depend on weight values).
+    Diffusion 1.5's exact architecture (for benchmarks: time does not depend on weight values);
+    every name is in :data:`~lightning_sdrl.policies.architectures.ARCHITECTURES`.
 
     Args:
-        architecture: ``"tiny"`` or ``"sd15"``.
+        architecture: a name of :data:`~lightning_sdrl.policies.architectures.ARCHITECTURES`.
         seed: initialisation seed.
         lora: LoRA settings; ``None`` fine-tunes the whole UNet.
         gradient_checkpointing: recompute UNet activations in the backward pass.
@@ -178,13 +160,11 @@ class RandomTextToImagePolicy(TextToImagePolicy):
 
     def __init__(
         self,
-        architecture: str = "tiny",
+        architecture: ArchitectureName = "tiny",
         seed: int = 0,
         lora: LoRASettings | None = LoRASettings(),  # noqa: B008
         gradient_checkpointing: bool = False,
     ) -> None:
-        from lightning_sdrl.policies.architectures import text_to_image_components
-
         super().__init__(
             text_to_image_components(architecture, seed), lora=lora, gradient_checkpointing=gradient_checkpointing
         )

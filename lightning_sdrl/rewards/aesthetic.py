@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sdrl.frozen import FrozenModule
 from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
@@ -109,7 +110,7 @@ def load_aesthetic_head(head_weights: str) -> nn.Module:
     return head.eval()
 
 
-class AestheticReward(RewardModule):
+class AestheticReward(FrozenModule, RewardModule):
     """LAION aesthetic score of each image: a head on L2-normalised CLIP image embeddings.
 
     ``reward(x) = head(clip_image(x) / ||clip_image(x)||)``, about 1-10 (DDPO's "aesthetic
@@ -145,10 +146,6 @@ class AestheticReward(RewardModule):
                 "CLIP the head was trained on (ViT-L/14: 768)"
             )
         self.eval()
-
-    def train(self, mode: bool = True) -> AestheticReward:
-        """Stay in eval mode (no dropout): the reward must be deterministic."""
-        return super().train(False)
 
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
         """Aesthetic score of each image, ``[B]`` (NaN for a non-finite image).

@@ -15,67 +15,22 @@ The math is :mod:`lightning_sdrl.functional.classifier_rewards`; these modules o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_sdrl.frozen import FrozenModule
 from lightning_sdrl.functional.classifier_rewards import (
     balance_reward,
+    check_groups,
     classify_with_threshold,
+    group_probabilities,
     shift_reward,
 )
 from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 
 __all__ = ["BalanceReward", "ShiftReward", "attribute_shares", "group_probabilities"]
-
-
-def _check_groups(groups: Sequence[Sequence[int]], num_classes: int | None) -> list[list[int]]:
-    groups = [[int(c) for c in group] for group in groups]
-    flat = [c for group in groups for c in group]
-    if len(groups) < 2 or any(len(group) == 0 for group in groups):
-        raise ValueError(
-            f"groups={groups}; expected at least two non-empty lists of class indices, e.g. [[0], [6, 8, 9]]"
-        )
-    if len(set(flat)) != len(flat):
-        raise ValueError(f"groups={groups} put a class in two columns; each class may be in one group only")
-    upper = num_classes if num_classes is not None else float("inf")
-    if any(not 0 <= c < upper for c in flat):
-        raise ValueError(
-            f"groups={groups} has class indices outside [0, {num_classes - 1}]"
-            if num_classes is not None
-            else f"groups={groups} has negative class indices"
-        )
-    return groups
-
-
-def group_probabilities(probs: Tensor, groups: Sequence[Sequence[int]] | None) -> Tensor:
-    """Attribute probabilities ``[B, G]``: column ``g`` sums the classes of ``groups[g]``.
-
-    Classes in no group are dropped, so a row may sum to less than 1 (such an image is then
-    "None" under a confidence threshold).
-
-    Args:
-        probs: Class probabilities ``[B, K]``.
-        groups: ``G >= 2`` disjoint lists of class indices; ``None`` returns ``probs``.
-
-    Returns:
-        ``[B, G]`` probabilities.
-
-    Example:
-        >>> probs = torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
-        >>> group_probabilities(probs, [[0], [1, 2]])
-        tensor([[0.1000, 0.9000],
-                [0.6000, 0.4000]])
-    """
-    if groups is None:
-        return probs
-    groups = _check_groups(groups, probs.shape[-1])
-    membership = probs.new_zeros(probs.shape[-1], len(groups))
-    for column, group in enumerate(groups):
-        membership[group, column] = 1.0
-    return probs @ membership
 
 
 def attribute_shares(probs: Tensor, threshold: float = 0.7) -> Tensor:
@@ -104,7 +59,7 @@ def attribute_shares(probs: Tensor, threshold: float = 0.7) -> Tensor:
     return counts.to(torch.float32) / max(len(classes), 1)
 
 
-class _AttributeReward(RewardModule):
+class _AttributeReward(FrozenModule, RewardModule):
     """A frozen classifier and the grouping of its classes into attribute columns."""
 
     def __init__(self, classifier: nn.Module, groups: list[list[int]] | None) -> None:
@@ -118,7 +73,7 @@ class _AttributeReward(RewardModule):
         labels = getattr(classifier, "labels", None)
         self.class_labels: list[str] | None = None if labels is None else list(labels)
         num_classes = None if labels is None else len(labels)
-        self.groups = None if groups is None else _check_groups(groups, num_classes)
+        self.groups = None if groups is None else check_groups(groups, num_classes)
 
     @property
     def num_columns(self) -> int | None:
@@ -135,10 +90,6 @@ class _AttributeReward(RewardModule):
         if self.groups is None:
             return list(self.class_labels)
         return ["+".join(self.class_labels[c] for c in group) for group in self.groups]
-
-    def train(self, mode: bool = True) -> _AttributeReward:
-        """Stay in eval mode: the classifier is frozen and must be deterministic."""
-        return super().train(False)
 
     def attribute_probs(self, images: Tensor) -> Tensor:
         """Attribute probabilities ``[B, G]`` of images ``[B, 3, H, W]`` in ``[0, 1]``."""

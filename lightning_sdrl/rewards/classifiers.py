@@ -2,12 +2,13 @@
 
 Section III-C of the DDPO debiasing paper judges each generated image with a pretrained
 classifier ("gender-classification-2", a ViT). The attribute rewards of
-:mod:`lightning_sdrl.rewards.attribute` accept any module of this shape; three are provided:
+:mod:`lightning_sdrl.rewards.attribute` accept any module of this shape; two are provided here:
 
 * :class:`HFImageClassifier`: any Hugging Face ``AutoModelForImageClassification`` checkpoint,
   e.g. ``rizvandwiki/gender-classification-2``;
-* :class:`CLIPZeroShotClassifier`: CLIP scoring the images against one text prompt per class;
-* :class:`DigitsClassifier`: the digits miniature's classifier shipped with the package.
+* :class:`CLIPZeroShotClassifier`: CLIP scoring the images against one text prompt per class.
+
+The digits miniature's classifier is :class:`lightning_sdrl.digits.classifier.DigitsClassifier`.
 
 Every classifier has a ``labels`` list (the name of each probability column), stays in eval mode
 with frozen parameters, and is differentiable with respect to the images, so it can also drive
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sdrl.feedback.digits import NUM_DIGIT_CLASSES, DigitClassifier
+from lightning_sdrl.frozen import FrozenModule
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
-__all__ = ["CLIPZeroShotClassifier", "DigitsClassifier", "HFImageClassifier", "resize_images"]
+__all__ = ["CLIPZeroShotClassifier", "HFImageClassifier", "resize_images"]
 
 # PIL resampling codes of Hugging Face image processors -> the closest torch interpolation mode
 _PIL_TO_TORCH_MODE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear"}
@@ -91,7 +92,7 @@ def _size_field(size: Any, name: str) -> int | None:
     return None if value is None else int(value)
 
 
-class HFImageClassifier(nn.Module):
+class HFImageClassifier(FrozenModule):
     """A Hugging Face image classifier with differentiable, batched torch preprocessing.
 
     The model is ``AutoModelForImageClassification.from_pretrained(path)``; its preprocessing is
@@ -167,10 +168,6 @@ class HFImageClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> HFImageClassifier:
-        """Stay in eval mode (no dropout): the classifier is frozen."""
-        return super().train(False)
-
     def preprocess(self, images: Tensor) -> Tensor:
         """Pixel values for the model from images ``[B, 3, H, W]`` in ``[0, 1]``."""
         _check_images(images)
@@ -231,35 +228,3 @@ class CLIPZeroShotClassifier(nn.Module):
         """Class probabilities ``[B, K]`` of images ``[B, 3, H, W]`` in ``[0, 1]``."""
         image_embeds = self.embedder.encode_images(images)
         return (self.temperature * image_embeds @ self.text_embeds.T).softmax(dim=-1)
-
-
-class DigitsClassifier(nn.Module):
-    """The digits miniature's classifier (:class:`DigitClassifier`) returning probabilities.
-
-    Args:
-        weights_dir: Folder written by ``DigitClassifier.save_pretrained``; ``None`` loads the
-            weights shipped with the package.
-
-    Example:
-        >>> classifier = DigitsClassifier()
-        >>> classifier.labels[:3]
-        ['0', '1', '2']
-        >>> probs = classifier(torch.rand(2, 3, 32, 32))
-        >>> probs.shape, bool(torch.allclose(probs.sum(dim=1), torch.ones(2)))
-        (torch.Size([2, 10]), True)
-    """
-
-    def __init__(self, weights_dir: str | None = None) -> None:
-        super().__init__()
-        self.model = DigitClassifier.from_pretrained(weights_dir).requires_grad_(False)
-        self.labels: list[str] = [str(digit) for digit in range(NUM_DIGIT_CLASSES)]
-        self.eval()
-
-    def train(self, mode: bool = True) -> DigitsClassifier:
-        """Stay in eval mode (no dropout): the classifier is frozen."""
-        return super().train(False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Probabilities ``[B, 10]`` of the digits ``0..9``."""
-        _check_images(images)
-        return self.model.predict_proba(images)

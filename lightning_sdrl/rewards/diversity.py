@@ -11,8 +11,9 @@ Feature extractors, each an ``nn.Module`` mapping images ``[B, 3, H, W]`` in ``[
 ``[B, D]``, frozen and kept in eval mode:
 
 * :class:`CLIPImageFeatures`: unit-norm CLIP image embeddings;
-* :class:`InceptionFeatures`: InceptionV3 pool features (2048) from a local torchvision file;
-* :class:`DigitsFeatures`: the digits miniature's feature network.
+* :class:`InceptionFeatures`: InceptionV3 pool features (2048) from a local torchvision file.
+
+The digits miniature's feature network is :class:`lightning_sdrl.digits.features.DigitsFeatures`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sdrl.data.reference import ReferenceSet
-from lightning_sdrl.feedback.digits import DigitFeatureNet
+from lightning_sdrl.frozen import FrozenModule
 from lightning_sdrl.functional.diversity import gp_mi_reward, marginal_utility, mmd_reward
+from lightning_sdrl.reference import ReferenceSet
 from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
-__all__ = ["CLIPImageFeatures", "DigitsFeatures", "DiversityReward", "InceptionFeatures"]
+__all__ = ["CLIPImageFeatures", "DiversityReward", "InceptionFeatures"]
 
 _SET_REWARDS = {"mmd": mmd_reward, "gp_mi": gp_mi_reward}
 # fewest generated images each (kind, individual) needs: mmd's leave-one-out sets need 2 images
@@ -68,7 +69,7 @@ class CLIPImageFeatures(nn.Module):
         return self.embedder.encode_images(images)
 
 
-class InceptionFeatures(nn.Module):
+class InceptionFeatures(FrozenModule):
     """InceptionV3 pool features ``[B, 2048]`` (``phi`` for class-conditional models).
 
     torchvision's ``inception_v3(weights=None, init_weights=False)`` is built and loaded from a
@@ -137,10 +138,6 @@ class InceptionFeatures(nn.Module):
         size = path.stat().st_size if path.is_file() else -1
         return f"InceptionFeatures:{path.name}:{size}:transform_input={self.transform_input}"
 
-    def train(self, mode: bool = True) -> InceptionFeatures:
-        """Stay in eval mode (batch-norm statistics and dropout frozen)."""
-        return super().train(False)
-
     def preprocess(self, images: Tensor) -> Tensor:
         """Resize to ``299 x 299`` and normalise images ``[B, 3, H, W]`` in ``[0, 1]``."""
         if images.ndim != 4 or images.shape[1] != 3:
@@ -160,34 +157,6 @@ class InceptionFeatures(nn.Module):
         return self.model(self.preprocess(images))
 
 
-class DigitsFeatures(nn.Module):
-    """The digits miniature's feature network (:class:`DigitFeatureNet`), ``[B, 64]``.
-
-    The features are not normalised (see ``DiversityReward(normalize=True)``).
-
-    Args:
-        weights_dir: Folder written by ``DigitFeatureNet.save_pretrained``; ``None`` loads the
-            weights shipped with the package.
-
-    Example:
-        >>> DigitsFeatures()(torch.rand(2, 3, 32, 32)).shape
-        torch.Size([2, 64])
-    """
-
-    def __init__(self, weights_dir: str | None = None) -> None:
-        super().__init__()
-        self.model = DigitFeatureNet.from_pretrained(weights_dir).requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> DigitsFeatures:
-        """Stay in eval mode: the network is frozen."""
-        return super().train(False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Features ``[B, 64]`` of images ``[B, 3, H, W]`` in ``[0, 1]``."""
-        return self.model(images)
-
-
 def _set_reward(kind: str, kernel_args: dict[str, Any]) -> functools.partial:
     if kind not in _SET_REWARDS:
         raise ValueError(f"kind={kind!r}; expected one of {sorted(_SET_REWARDS)}")
@@ -202,7 +171,7 @@ def _set_reward(kind: str, kernel_args: dict[str, Any]) -> functools.partial:
     return functools.partial(reward_fn, **kernel_args)
 
 
-class DiversityReward(RewardModule):
+class DiversityReward(FrozenModule, RewardModule):
     """Diversity of the generated batch with respect to a reference set, eq. (6)-(18).
 
     1. ``Z_g = phi(X_g)`` for the batch, ``Z_r = phi(X_r)`` for the reference set (computed
@@ -258,10 +227,6 @@ class DiversityReward(RewardModule):
         self.normalize = normalize
         self.reward_fn = _set_reward(kind, dict(kernel_args or {}))
         self._reference_features: Tensor | None = None
-
-    def train(self, mode: bool = True) -> DiversityReward:
-        """Stay in eval mode: the feature extractor is frozen."""
-        return super().train(False)
 
     def _features(self, features: Tensor) -> Tensor:
         features = features.flatten(1).float()

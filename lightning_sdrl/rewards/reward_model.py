@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lightning_sdrl.frozen import FrozenModule
 from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
 
 CONFIG_FILE = "config.json"
@@ -105,7 +106,7 @@ class RewardHead(nn.Module):
         return self.layers(torch.cat([image_embeds, text_embeds], dim=-1)).squeeze(-1)
 
 
-class CLIPEmbedder(nn.Module):
+class CLIPEmbedder(FrozenModule):
     """Frozen open_clip model giving unit-norm image and text embeddings.
 
     The model is built with ``open_clip.create_model(model_name, pretrained=pretrained)`` and the
@@ -168,10 +169,6 @@ class CLIPEmbedder(nn.Module):
     def device(self) -> torch.device:
         """Device of the frozen weights."""
         return self.mean.device
-
-    def train(self, mode: bool = True) -> "CLIPEmbedder":
-        """Keep the frozen model in eval mode whatever the parent module asks."""
-        return super().train(False)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Resize, centre-crop and normalise images ``[B, 3, H, W]`` in ``[0, 1]`` for CLIP."""
@@ -272,7 +269,7 @@ def save_reward_head(
     save_file(state, str(directory / WEIGHTS_FILE))
 
 
-class LearnedPreferenceReward(RewardModule):
+class LearnedPreferenceReward(FrozenModule, RewardModule):
     """Reward = standardised score of a preference head on frozen CLIP embeddings.
 
     ``reward(x, z) = (head([clip_image(x); clip_text(z)]) - score_mean) / score_std``, where the
@@ -282,7 +279,7 @@ class LearnedPreferenceReward(RewardModule):
     Args:
         embedder: Frozen CLIP giving the embeddings the head was trained on (or another frozen
             embedder with the same interface, e.g.
-            :class:`~lightning_sdrl.rewards.digits_embedder.DigitsEmbedder`).
+            :class:`~lightning_sdrl.digits.embedder.DigitsEmbedder`).
         head: Trained reward head.
         score_mean: Mean head score over the training images.
         score_std: Standard deviation of the head score over the training images.
@@ -311,10 +308,6 @@ class LearnedPreferenceReward(RewardModule):
         self.score_mean = float(score_mean)
         self.score_std = float(score_std)
         self.eval()
-
-    def train(self, mode: bool = True) -> "LearnedPreferenceReward":
-        """Stay in eval mode: a reward must be deterministic."""
-        return super().train(False)
 
     def forward(self, images: Tensor, prompts: Sequence[str], **metadata: Any) -> Tensor:
         """Reward of each image for its prompt.
