@@ -36,12 +36,12 @@ import yaml
 
 from lightning_sdrl.callbacks import AttributeTracker, classified_ratio
 from lightning_sdrl.cli import run_cli as cli
-from lightning_sdrl.data.reference import DigitsReference
 from lightning_sdrl.data.sampling import PromptBatch
+from lightning_sdrl.digits.classifier import DigitsClassifier
+from lightning_sdrl.digits.features import DigitsFeatures
+from lightning_sdrl.digits.reference import DigitsReference
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.rewards.attribute import attribute_shares
-from lightning_sdrl.rewards.classifiers import DigitsClassifier
-from lightning_sdrl.rewards.diversity import DigitsFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {  # config, the prompt's classes, the minority column, fixed-noise samples per epoch
@@ -102,15 +102,24 @@ def run(name: str, out: Path, seed: int | None = None) -> dict:
     path = with_eval_samples(config, eval_samples, run_dir) if eval_samples else ROOT / config
     seeding = [] if seed is None else [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
     start = time.perf_counter()
-    result = cli(["fit", "-c", str(path), f"--trainer.default_root_dir={run_dir}",
-                  "--trainer.enable_progress_bar=false", *seeding])
+    result = cli(
+        [
+            "fit",
+            "-c",
+            str(path),
+            f"--trainer.default_root_dir={run_dir}",
+            "--trainer.enable_progress_bar=false",
+            *seeding,
+        ]
+    )
     seconds = time.perf_counter() - start
     module, prompt = result.model, result.datamodule.prompts[0]
     summary = json.loads((run_dir / "attributes.json").read_text())
     shares = [record["shares"][column] for record in summary["history"]]
     ratios = [classified_ratio(record["shares"], column) for record in summary["history"]]
-    eval_ratios = [classified_ratio(record["eval_shares"], column) for record in summary["history"]
-                   if "eval_shares" in record]
+    eval_ratios = [
+        classified_ratio(record["eval_shares"], column) for record in summary["history"] if "eval_shares" in record
+    ]
     after = quality(module, prompt, classes)
     tracker = next(c for c in result.trainer.callbacks if isinstance(c, AttributeTracker))
     final_fresh_ratio = fresh_ratio(tracker, module, prompt, column) if eval_samples else None
@@ -120,10 +129,22 @@ def run(name: str, out: Path, seed: int | None = None) -> dict:
         for figure in ("attributes.png", "samples_before.png", "samples_after.png"):
             shutil.copy(run_dir / figure, out / "figures" / f"digits_{name}_{figure}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"config": config, "seed": seed, "prompt": prompt, "column": column, "shares": shares, "ratios": ratios,
-            "eval_ratios": eval_ratios, "eval_samples": eval_samples, "final_fresh_ratio": final_fresh_ratio,
-            "seconds": seconds,
-            "before": before, "after": after, "grid_before": summary["before"], "grid_after": summary["after"]}
+    return {
+        "config": config,
+        "seed": seed,
+        "prompt": prompt,
+        "column": column,
+        "shares": shares,
+        "ratios": ratios,
+        "eval_ratios": eval_ratios,
+        "eval_samples": eval_samples,
+        "final_fresh_ratio": final_fresh_ratio,
+        "seconds": seconds,
+        "before": before,
+        "after": after,
+        "grid_before": summary["before"],
+        "grid_after": summary["after"],
+    }
 
 
 def balance_row(balance: dict) -> str:
@@ -132,11 +153,13 @@ def balance_row(balance: dict) -> str:
     last = q[-10:]
     held = all(abs(value - 0.5) <= 0.07 for value in last)
     seed = "" if balance["seed"] is None else f" (seed {balance['seed']})"
-    return (f"| R_balance{seed}, '{balance['prompt']}', q = {balance['column']} among classified | "
-            f"{100 * q[0]:.1f}% | {100 * q[-1]:.1f}% | 50 +- 7% over the last 10 epochs | "
-            f"mean {100 * sum(last) / len(last):.1f}%, min {100 * min(last):.1f}%, "
-            f"max {100 * max(last):.1f}% ({'held' if held else 'not held'}); final policy on 1024 fresh-noise "
-            f"samples: {100 * balance['final_fresh_ratio']:.1f}% |")
+    return (
+        f"| R_balance{seed}, '{balance['prompt']}', q = {balance['column']} among classified | "
+        f"{100 * q[0]:.1f}% | {100 * q[-1]:.1f}% | 50 +- 7% over the last 10 epochs | "
+        f"mean {100 * sum(last) / len(last):.1f}%, min {100 * min(last):.1f}%, "
+        f"max {100 * max(last):.1f}% ({'held' if held else 'not held'}); final policy on 1024 fresh-noise "
+        f"samples: {100 * balance['final_fresh_ratio']:.1f}% |"
+    )
 
 
 def table(results: dict) -> str:
@@ -150,19 +173,29 @@ def table(results: dict) -> str:
         f"first >= 90% at epoch {first90} |",
         *(balance_row(r) for name, r in results.items() if name.startswith("balance")),
     ]
-    rows += ["", "| experiment | confidence before | confidence after | feature FID before | feature FID after | "
-             "wall time |", "| --- | --- | --- | --- | --- | --- |"]
+    rows += [
+        "",
+        "| experiment | confidence before | confidence after | feature FID before | feature FID after | wall time |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['before']['confidence']:.3f} | {r['after']['confidence']:.3f} | "
-                    f"{r['before']['fid']:.2f} | {r['after']['fid']:.2f} | {r['seconds']:.0f} s |")
+        rows.append(
+            f"| {name} | {r['before']['confidence']:.3f} | {r['after']['confidence']:.3f} | "
+            f"{r['before']['fid']:.2f} | {r['after']['fid']:.2f} | {r['seconds']:.0f} s |"
+        )
     return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--balance-seeds", type=int, nargs="*", default=[],
-                        help="further seeds for the R_balance run (the config's own seed always runs)")
+    parser.add_argument(
+        "--balance-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="further seeds for the R_balance run (the config's own seed always runs)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from lightning_sdrl.cli import run_cli as cli
-from lightning_sdrl.data.digits_captions import DIGIT_WORDS
-from lightning_sdrl.data.digits_preferences import stroke_thickness
 from lightning_sdrl.data.sampling import PromptBatch
-from lightning_sdrl.rewards.classifiers import DigitsClassifier
+from lightning_sdrl.digits.captions import DIGIT_WORDS
+from lightning_sdrl.digits.classifier import DigitsClassifier
+from lightning_sdrl.digits.preferences import stroke_thickness
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_PER_DIGIT = 32
@@ -38,18 +38,29 @@ SAMPLES_PER_DIGIT = 32
 def train_reward_model(work: Path) -> dict:
     """Fit the head (building the dataset first), test the best checkpoint on held-out pairs."""
     start = time.perf_counter()
-    run = cli(["fit", "-c", str(ROOT / "configs/digits/reward_model.yaml"),
-               f"--data.init_args.data_dir={work / 'preferences'}",
-               f"--trainer.default_root_dir={work / 'reward_model'}",
-               f"--model.init_args.export_dir={work / 'reward_model' / 'head'}",
-               "--trainer.enable_progress_bar=false"])
+    run = cli(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs/digits/reward_model.yaml"),
+            f"--data.init_args.data_dir={work / 'preferences'}",
+            f"--trainer.default_root_dir={work / 'reward_model'}",
+            f"--model.init_args.export_dir={work / 'reward_model' / 'head'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     seconds = time.perf_counter() - start
     best = run.trainer.checkpoint_callback
     test = run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path="best", verbose=False)[0]
     pairs = {split: len(run.datamodule.datasets[split]) for split in ("train", "validation")}
-    return {"val_accuracy": float(best.best_model_score), "test_accuracy": test["test/accuracy"],
-            "test_pairs": len(run.datamodule.datasets["test"]), "pairs": pairs, "seconds": seconds,
-            "head": str(work / "reward_model" / "head")}
+    return {
+        "val_accuracy": float(best.best_model_score),
+        "test_accuracy": test["test/accuracy"],
+        "test_pairs": len(run.datamodule.datasets["test"]),
+        "pairs": pairs,
+        "seconds": seconds,
+        "head": str(work / "reward_model" / "head"),
+    }
 
 
 def evaluate(module, seed: int = 123) -> dict:
@@ -68,7 +79,7 @@ def evaluate(module, seed: int = 123) -> dict:
         "learned_reward": float(learned.mean()),
         "classifier_agreement": float((predicted == labels).float().mean()),
         "confident_agreement": float(((predicted == labels) & (confidence >= 0.7)).float().mean()),
-        "images": images[::SAMPLES_PER_DIGIT // 2].cpu(),  # two per digit, for the grid
+        "images": images[:: SAMPLES_PER_DIGIT // 2].cpu(),  # two per digit, for the grid
     }
 
 
@@ -77,9 +88,17 @@ def refl(work: Path, head: str, kl_weight: float | None = None) -> dict:
     start = time.perf_counter()
     extra = [] if kl_weight is None else [f"--model.init_args.kl_weight={kl_weight}"]
     name = "refl" if kl_weight is None else f"refl_kl{kl_weight:g}"
-    run = cli(["fit", "-c", str(ROOT / "configs/digits/refl.yaml"),
-               f"--model.init_args.reward.init_args.directory={head}",
-               f"--trainer.default_root_dir={work / name}", "--trainer.enable_progress_bar=false", *extra])
+    run = cli(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs/digits/refl.yaml"),
+            f"--model.init_args.reward.init_args.directory={head}",
+            f"--trainer.default_root_dir={work / name}",
+            "--trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )
     seconds = time.perf_counter() - start
     module = run.model
     after = evaluate(module)
@@ -132,8 +151,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "digits_refl_benchmark")
-    parser.add_argument("--kl-weights", type=float, nargs="*", default=[],
-                        help="also run ReFL with these kl_weight values and print the trade-off table")
+    parser.add_argument(
+        "--kl-weights",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also run ReFL with these kl_weight values and print the trade-off table",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_sdrl.data.digits_captions import digit_captions
-from lightning_sdrl.data.reference import DigitsReference
+from lightning_sdrl.digits.captions import digit_captions
+from lightning_sdrl.digits.features import DigitsFeatures
+from lightning_sdrl.digits.policy import DigitsPolicy
+from lightning_sdrl.digits.reference import DigitsReference
 from lightning_sdrl.evaluation import PostSamplingSelection, post_sampling_selection
 from lightning_sdrl.functional.diversity import gp_mi_reward, mmd_reward
-from lightning_sdrl.policies.digits import DigitsPolicy
-from lightning_sdrl.rewards.diversity import DigitsFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [digit_captions(digit)[0] for digit in range(10)]  # "a handwritten zero", ...
@@ -115,7 +115,9 @@ def main() -> None:
     parser.add_argument("--reward", choices=sorted(REWARDS), default="mmd", help="set reward of the selection")
     parser.add_argument("--random-draws", type=int, default=5, help="repetitions of the random selection")
     parser.add_argument(
-        "--evaluation-split", choices=("test", "train", "unused"), default="unused",
+        "--evaluation-split",
+        choices=("test", "train", "unused"),
+        default="unused",
         help="real digits the kept images are evaluated against: the test split, the training split "
         "(as the paper; contains X_r) or every digit outside X_r",
     )

@@ -160,18 +160,28 @@ def main() -> None:
     mem_epoch = peak_memory(ddpo_epoch, device)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n## {architecture} on {name}, {dtype}, batch {args.batch}, {args.steps} steps, CFG {args.guidance}, "
-          f"eta {args.eta}, LoRA rank 4, torch {torch.__version__}\n")
+    print(
+        f"\n## {architecture} on {name}, {dtype}, batch {args.batch}, {args.steps} steps, CFG {args.guidance}, "
+        f"eta {args.eta}, LoRA rank 4, torch {torch.__version__}\n"
+    )
     print("| measurement | images/s | s per batch | TFLOP/s | peak GiB |")
     print("| --- | --- | --- | --- | --- |")
-    print(f"| our sampler (latents + log-probs) | {args.batch / t_ours:.2f} | {t_ours:.2f} | "
-          f"{flops_sample / t_ours / 1e12:.1f} | {mem_ours:.2f} |")
-    print(f"| stock StableDiffusionPipeline | {args.batch / t_stock:.2f} | {t_stock:.2f} | "
-          f"{flops_sample / t_stock / 1e12:.1f} | {mem_stock:.2f} |")
-    print(f"| DDPO training (all {args.steps} steps, train batch {args.train_batch}) | "
-          f"{args.batch / t_train:.2f} | {t_train:.2f} | {flops_train / t_train / 1e12:.1f} | {mem_epoch:.2f} |")
-    print(f"| DDPO epoch (sample + train) | {args.batch / t_epoch:.2f} | {t_epoch:.2f} | "
-          f"{(flops_sample + flops_train) / t_epoch / 1e12:.1f} | {mem_epoch:.2f} |")
+    print(
+        f"| our sampler (latents + log-probs) | {args.batch / t_ours:.2f} | {t_ours:.2f} | "
+        f"{flops_sample / t_ours / 1e12:.1f} | {mem_ours:.2f} |"
+    )
+    print(
+        f"| stock StableDiffusionPipeline | {args.batch / t_stock:.2f} | {t_stock:.2f} | "
+        f"{flops_sample / t_stock / 1e12:.1f} | {mem_stock:.2f} |"
+    )
+    print(
+        f"| DDPO training (all {args.steps} steps, train batch {args.train_batch}) | "
+        f"{args.batch / t_train:.2f} | {t_train:.2f} | {flops_train / t_train / 1e12:.1f} | {mem_epoch:.2f} |"
+    )
+    print(
+        f"| DDPO epoch (sample + train) | {args.batch / t_epoch:.2f} | {t_epoch:.2f} | "
+        f"{(flops_sample + flops_train) / t_epoch / 1e12:.1f} | {mem_epoch:.2f} |"
+    )
     print(f"\nour sampler / stock pipeline time: {t_ours / t_stock:.3f} (target <= 1.0)")
 
 

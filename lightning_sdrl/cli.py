@@ -47,21 +47,19 @@ CLASS_MODULES = (
     "lightning_sdrl.modules.reward_model",
     "lightning_sdrl.modules.pretrain",
     "lightning_sdrl.data.sampling",
-    "lightning_sdrl.data.digits_captions",
-    "lightning_sdrl.data.digits_preferences",
     "lightning_sdrl.data.imagereward_db",
     "lightning_sdrl.policies",
     "lightning_sdrl.rewards.aesthetic",
     "lightning_sdrl.rewards.attribute",
     "lightning_sdrl.rewards.classifiers",
-    "lightning_sdrl.rewards.digits_embedder",
     "lightning_sdrl.rewards.diversity",
     "lightning_sdrl.rewards.reward_model",
     "lightning_sdrl.rewards.simple",
     "lightning_sdrl.callbacks",
 )
 """Modules imported with the CLI: jsonargparse then knows their classes as subclasses of the
-annotated base classes, so that a class name alone selects them or shows their help."""
+annotated base classes, so that a class name alone selects them or shows their help. The digits
+miniature (:mod:`lightning_sdrl.digits`) is not among them: its configs give full class paths."""
 
 for _name in CLASS_MODULES:
     importlib.import_module(_name)

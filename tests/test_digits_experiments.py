@@ -10,8 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(config: str, tmp_path: Path, epochs: int, *extra: str) -> list[dict]:
-    main(["fit", "-c", str(ROOT / "configs" / "digits" / config), f"--trainer.default_root_dir={tmp_path}",
-          f"--trainer.max_epochs={epochs}", "--trainer.enable_progress_bar=false", *extra])
+    main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs" / "digits" / config),
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.max_epochs={epochs}",
+            "--trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )
     summary = json.loads((tmp_path / "attributes.json").read_text())
     assert (tmp_path / "attributes.png").is_file() and (tmp_path / "samples_after.png").is_file()
     assert (tmp_path / "trained" / "pytorch_lora_weights.safetensors").is_file()
@@ -22,10 +31,15 @@ def test_balance_reward_moves_the_biased_prompt_towards_balance(tmp_path):
     # The shipped run (SGD, 128 samples per epoch, 30 epochs; benchmarks/digits_debias.py) only
     # starts to move in 4 epochs; Adam at a large rate on 64 samples moves it in 4 cheap ones.
     history = run(
-        "ddpo_balance.yaml", tmp_path, 4,
-        "--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.optimizer.lr=0.03",
-        "--model.init_args.lr_scheduler=null", "--model.init_args.max_grad_norm=1.0",
-        "--data.init_args.batch_size=64", "--model.init_args.train_batch_size=32",
+        "ddpo_balance.yaml",
+        tmp_path,
+        4,
+        "--model.init_args.optimizer=torch.optim.AdamW",
+        "--model.init_args.optimizer.lr=0.03",
+        "--model.init_args.lr_scheduler=null",
+        "--model.init_args.max_grad_norm=1.0",
+        "--data.init_args.batch_size=64",
+        "--model.init_args.train_batch_size=32",
         "--model.init_args.timestep_fraction=1.0",
     )
     ratios = [classified_ratio(r["shares"], "6+8+9") for r in history]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_sdrl.cli import run_cli as main
-from lightning_sdrl.data.digits_preferences import stroke_thickness
 from lightning_sdrl.data.sampling import PromptBatch
+from lightning_sdrl.digits.preferences import stroke_thickness
 from lightning_sdrl.rewards.reward_model import PretrainedPreferenceReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,11 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("digits_reward_model")
-    run = main(["fit", "-c", str(ROOT / "configs/digits/reward_model.yaml"),
-                f"--data.init_args.data_dir={work / 'preferences'}",
-                "--data.init_args.groups={train: 24, validation: 8, test: 8}", "--data.init_args.num_steps=10",
-                f"--trainer.default_root_dir={work}", f"--model.init_args.export_dir={work / 'head'}",
-                "--trainer.max_epochs=15", "--trainer.enable_progress_bar=false"])
+    run = main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs/digits/reward_model.yaml"),
+            f"--data.init_args.data_dir={work / 'preferences'}",
+            "--data.init_args.groups={train: 24, validation: 8, test: 8}",
+            "--data.init_args.num_steps=10",
+            f"--trainer.default_root_dir={work}",
+            f"--model.init_args.export_dir={work / 'head'}",
+            "--trainer.max_epochs=15",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     return run, work
 
 
@@ -32,11 +41,20 @@ def test_reward_model_learns_the_hidden_rule(reward_run):
     # the documented command: `test` in a new CLI on the best checkpoint the fit wrote
     best = work / "checkpoints" / "best.ckpt"
     assert best.is_file() and run.trainer.checkpoint_callback.best_model_path == str(best)
-    again = main(["test", "-c", str(ROOT / "configs/digits/reward_model.yaml"),
-                  f"--data.init_args.data_dir={work / 'preferences'}",
-                  "--data.init_args.groups={train: 24, validation: 8, test: 8}", "--data.init_args.num_steps=10",
-                  f"--trainer.default_root_dir={work / 'test'}", "--model.init_args.export_dir=null",
-                  "--trainer.enable_progress_bar=false", f"--ckpt_path={best}"])
+    again = main(
+        [
+            "test",
+            "-c",
+            str(ROOT / "configs/digits/reward_model.yaml"),
+            f"--data.init_args.data_dir={work / 'preferences'}",
+            "--data.init_args.groups={train: 24, validation: 8, test: 8}",
+            "--data.init_args.num_steps=10",
+            f"--trainer.default_root_dir={work / 'test'}",
+            "--model.init_args.export_dir=null",
+            "--trainer.enable_progress_bar=false",
+            f"--ckpt_path={best}",
+        ]
+    )
     assert again.trainer.callback_metrics["test/accuracy"].item() == pytest.approx(test["test/accuracy"])
     # the exported head is the best checkpoint's, and it ranks thicker digits higher
     reward = PretrainedPreferenceReward(str(work / "head"))
@@ -49,17 +67,33 @@ def test_reward_model_learns_the_hidden_rule(reward_run):
 
 def test_refl_with_the_learned_reward_raises_the_rule_score(reward_run, tmp_path):
     _, work = reward_run
-    run = main(["fit", "-c", str(ROOT / "configs/digits/refl.yaml"),
-                f"--model.init_args.reward.init_args.directory={work / 'head'}",
-                f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3",
-                "--data.init_args.num_batches_per_epoch=6", "--data.init_args.batch_size=8",
-                # a short run: a higher lr and the report's beta (0.01) so that 3 small epochs move it
-                "--model.init_args.optimizer.init_args.lr=0.005", "--model.init_args.kl_weight=0.01",
-                "--trainer.enable_progress_bar=false"])
+    run = main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs/digits/refl.yaml"),
+            f"--model.init_args.reward.init_args.directory={work / 'head'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=3",
+            "--data.init_args.num_batches_per_epoch=6",
+            "--data.init_args.batch_size=8",
+            # a short run: a higher lr and the report's beta (0.01) so that 3 small epochs move it
+            "--model.init_args.optimizer.init_args.lr=0.005",
+            "--model.init_args.kl_weight=0.01",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     module = run.model
     # what a user gets from `fit`: the LoRA, a checkpoint, the metrics, before/after grids, the curve
-    for name in ("trained/pytorch_lora_weights.safetensors", "checkpoints/last.ckpt", "metrics.csv",
-                 "rewards.json", "samples_before.png", "samples_after.png", "reward_curve.png"):
+    for name in (
+        "trained/pytorch_lora_weights.safetensors",
+        "checkpoints/last.ckpt",
+        "metrics.csv",
+        "rewards.json",
+        "samples_before.png",
+        "samples_after.png",
+        "reward_curve.png",
+    ):
         assert (tmp_path / name).is_file(), name
     prompts = [f"a handwritten {w}" for w in ("zero", "one", "four", "seven")] * 4
     batch = PromptBatch(prompts, torch.zeros(len(prompts), dtype=torch.long), seed=5)

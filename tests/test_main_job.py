@@ -20,9 +20,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 RELOAD = """
 import json, sys, torch
 from lightning_sdrl.policies import LoRASettings
-from lightning_sdrl.policies.digits import DigitsPolicy
+from lightning_sdrl.digits.policy import DigitsPolicy
 from lightning_sdrl.rewards.attribute import BalanceReward, attribute_shares
-from lightning_sdrl.rewards.classifiers import DigitsClassifier
+from lightning_sdrl.digits.classifier import DigitsClassifier
 
 run = sys.argv[1]
 policy = DigitsPolicy(lora=LoRASettings(rank=4))
@@ -47,8 +47,15 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
     run = tmp_path_factory.mktemp("digits_balance")
-    result = cli("fit", "-c", CONFIG, f"--trainer.default_root_dir={run}", "--trainer.max_epochs=2",
-                 "--trainer.check_val_every_n_epoch=2", "--trainer.enable_progress_bar=false")
+    result = cli(
+        "fit",
+        "-c",
+        CONFIG,
+        f"--trainer.default_root_dir={run}",
+        "--trainer.max_epochs=2",
+        "--trainer.check_val_every_n_epoch=2",
+        "--trainer.enable_progress_bar=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 
@@ -70,8 +77,14 @@ def test_main_job_writes_a_checkpoint_a_metrics_row_per_epoch_and_readable_figur
 
 def test_validate_on_the_written_checkpoint_reproduces_the_fit_validation(main_job):
     run, _ = main_job
-    result = cli("validate", "-c", CONFIG, f"--trainer.default_root_dir={run}",
-                 f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--trainer.enable_progress_bar=false")
+    result = cli(
+        "validate",
+        "-c",
+        CONFIG,
+        f"--trainer.default_root_dir={run}",
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        "--trainer.enable_progress_bar=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     values = [float(r["val/reward_mean"]) for r in rows if r["val/reward_mean"]]
@@ -90,8 +103,9 @@ def test_the_trained_lora_as_ckpt_path_is_a_clear_error(main_job):
 
 def test_the_trained_lora_reloads_in_a_fresh_process_and_samples_the_after_shares(main_job):
     run, _ = main_job
-    result = subprocess.run([sys.executable, "-c", RELOAD, str(run)], cwd=ROOT, env=ENV, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(run)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     shares = json.loads(result.stdout.strip().splitlines()[-1])
     after = json.loads((run / "attributes.json").read_text())["after"]

@@ -10,10 +10,10 @@ from PIL import Image
 
 from lightning_sdrl.callbacks import AttributeTracker, RewardTracker
 from lightning_sdrl.data.sampling import PromptBatch, SamplingDataModule
+from lightning_sdrl.digits.classifier import DigitsClassifier
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.modules.refl import ReFLModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
-from lightning_sdrl.rewards.classifiers import DigitsClassifier
 from lightning_sdrl.rewards.simple import Brightness
 
 

@@ -126,10 +126,10 @@ def test_invalid_arguments_are_named(pixel_policy, overrides, message):
 
 def test_digits_max_mmd_selection_has_higher_recall_than_min():
     """A short digits run (10 prompts x 1 group of O = 10, 10 DDIM steps); the full one is the benchmark."""
-    from lightning_sdrl.data.digits_captions import digit_captions
-    from lightning_sdrl.data.reference import DigitsReference
-    from lightning_sdrl.policies.digits import DigitsPolicy
-    from lightning_sdrl.rewards.diversity import DigitsFeatures
+    from lightning_sdrl.digits.captions import digit_captions
+    from lightning_sdrl.digits.features import DigitsFeatures
+    from lightning_sdrl.digits.policy import DigitsPolicy
+    from lightning_sdrl.digits.reference import DigitsReference
 
     references = [DigitsReference(split="train", classes=[d], per_class=50).images for d in range(10)]
     result = post_sampling_selection(

@@ -7,7 +7,8 @@ prompts. This DataModule decides those prompts and the noise seed of every batch
 - the prompts of an epoch are one global draw (identical on all processes) cycling through
   shuffled copies of the prompt list, shared out across processes;
 - each process and batch gets its own noise seed, derived from ``(seed, epoch, rank, batch)``,
-  so runs are reproducible and resumable.
+  so runs are reproducible and resumable (:func:`~lightning_sdrl.functional.seeding.derive_seed`,
+  also importable from here).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_sdrl.data.prompts import load_prompts
+from lightning_sdrl.functional.seeding import derive_seed
 from lightning_sdrl.validation import check_positive_ints
 
 
@@ -42,16 +43,6 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (numpy's SeedSequence hashing).
-
-    Example:
-        >>> derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
-        True
-    """
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
 def draw_prompt_ids(num_prompts: int, count: int, seed: int) -> Tensor:

@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_sdrl.data.sampling import derive_seed
 from lightning_sdrl.functional.diversity import mmd_reward
+from lightning_sdrl.functional.seeding import derive_seed
 from lightning_sdrl.functional.selection import select_subset
 from lightning_sdrl.metrics.fid import FID
 from lightning_sdrl.metrics.precision_recall import PrecisionRecall

@@ -5,10 +5,12 @@ models" (DDPO debiasing): ``R_shift`` (eq. 1) pushes every image towards an unde
 class; ``R_balance`` (eq. 2-3) rewards a batch for being balanced between the classes.
 """
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["balance_reward", "classify_with_threshold", "shift_reward"]
+__all__ = ["balance_reward", "check_groups", "classify_with_threshold", "group_probabilities", "shift_reward"]
 
 _NONE = -1  # class index of an image whose top probability is below the confidence threshold
 
@@ -169,3 +171,59 @@ def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None 
     none_reward = class_rewards.min()
     rewards = torch.where(classified, class_rewards[classes.clamp(min=0)], none_reward)
     return rewards.to(probs.dtype).masked_fill(~finite, float("nan"))
+
+
+def check_groups(groups: Sequence[Sequence[int]], num_classes: int | None) -> list[list[int]]:
+    """``groups`` as lists of ints, checked: at least two non-empty, disjoint, valid class indices.
+
+    Args:
+        groups: Lists of class indices, one per attribute column.
+        num_classes: Number ``K`` of classes; ``None`` checks only that indices are not negative.
+
+    Raises:
+        ValueError: naming ``groups`` and what is wrong with it.
+    """
+    groups = [[int(c) for c in group] for group in groups]
+    flat = [c for group in groups for c in group]
+    if len(groups) < 2 or any(len(group) == 0 for group in groups):
+        raise ValueError(
+            f"groups={groups}; expected at least two non-empty lists of class indices, e.g. [[0], [6, 8, 9]]"
+        )
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"groups={groups} put a class in two columns; each class may be in one group only")
+    upper = num_classes if num_classes is not None else float("inf")
+    if any(not 0 <= c < upper for c in flat):
+        raise ValueError(
+            f"groups={groups} has class indices outside [0, {num_classes - 1}]"
+            if num_classes is not None
+            else f"groups={groups} has negative class indices"
+        )
+    return groups
+
+
+def group_probabilities(probs: Tensor, groups: Sequence[Sequence[int]] | None) -> Tensor:
+    """Attribute probabilities ``[B, G]``: column ``g`` sums the classes of ``groups[g]``.
+
+    Classes in no group are dropped, so a row may sum to less than 1 (such an image is then
+    "None" under a confidence threshold).
+
+    Args:
+        probs: Class probabilities ``[B, K]``.
+        groups: ``G >= 2`` disjoint lists of class indices; ``None`` returns ``probs``.
+
+    Returns:
+        ``[B, G]`` probabilities.
+
+    Example:
+        >>> probs = torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+        >>> group_probabilities(probs, [[0], [1, 2]])
+        tensor([[0.1000, 0.9000],
+                [0.6000, 0.4000]])
+    """
+    if groups is None:
+        return probs
+    groups = check_groups(groups, probs.shape[-1])
+    membership = probs.new_zeros(probs.shape[-1], len(groups))
+    for column, group in enumerate(groups):
+        membership[group, column] = 1.0
+    return probs @ membership

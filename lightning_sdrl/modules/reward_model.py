@@ -43,7 +43,7 @@ class RewardModelModule(pl.LightningModule):
         embedder: Another frozen embedder with :class:`CLIPEmbedder`'s interface (``embed_dim``,
             ``cache_key``, ``device``, ``preprocess``, ``encode_pixels``, ``encode_text``, and
             ``config()`` for export), e.g.
-            :class:`~lightning_sdrl.rewards.digits_embedder.DigitsEmbedder` for the digits default;
+            :class:`~lightning_sdrl.digits.embedder.DigitsEmbedder` for the digits default;
             replaces the CLIP named by ``clip_model_name`` / ``clip_pretrained``.
         max_consecutive_skips: optimiser steps skipped in a row (non-finite gradients) after which
             the run stops with an error.

@@ -84,9 +84,7 @@ def gp_mi_by_logdet(gen, ref, lengthscale=1.0, noise=0.1, jitter=1e-6) -> float:
     return logdet_g - logdet_j
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{}, {"lengthscale": 2.0, "noise": 0.01}, {"noise": 0.0, "jitter": 1e-4}]
-)
+@pytest.mark.parametrize("kwargs", [{}, {"lengthscale": 2.0, "noise": 0.01}, {"noise": 0.0, "jitter": 1e-4}])
 def test_gp_mi_reward_matches_direct_log_determinants(kwargs):
     gen, ref = features(7, seed=6), features(5, seed=7)
     expected = gp_mi_by_logdet(gen.numpy(), ref.numpy(), **kwargs)
@@ -136,18 +134,14 @@ def literal_marginal_utility(reward_fn, gen, ref) -> torch.Tensor:
 def test_closed_form_marginal_utility_matches_leave_one_out(reward_fn):
     gen, ref = features(9, seed=10), features(6, seed=11, shift=0.2)
     expected = literal_marginal_utility(reward_fn, gen, ref)
-    torch.testing.assert_close(
-        marginal_utility(reward_fn, gen, ref), expected, rtol=1e-8, atol=1e-10
-    )
+    torch.testing.assert_close(marginal_utility(reward_fn, gen, ref), expected, rtol=1e-8, atol=1e-10)
 
 
 def test_marginal_utility_float32_inputs_keep_dtype_and_precision():
     gen, ref = features(12, seed=12), features(10, seed=13)
     utility = marginal_utility(mmd_reward, gen.float(), ref.float())
     assert utility.dtype == torch.float32
-    torch.testing.assert_close(
-        utility.double(), marginal_utility(mmd_reward, gen, ref), rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(utility.double(), marginal_utility(mmd_reward, gen, ref), rtol=1e-5, atol=1e-6)
 
 
 def test_marginal_utility_loops_over_arbitrary_callables():
@@ -160,9 +154,7 @@ def test_marginal_utility_loops_over_arbitrary_callables():
     torch.testing.assert_close(marginal_utility(mean_distance_reward, gen, ref), expected)
     # a positional partial is not recognised as mmd_reward and takes the generic path too
     lambda_mmd = functools.partial(lambda g, r, degree: mmd_reward(g, r, degree), degree=3)
-    torch.testing.assert_close(
-        marginal_utility(lambda_mmd, gen, ref), marginal_utility(mmd_reward, gen, ref)
-    )
+    torch.testing.assert_close(marginal_utility(lambda_mmd, gen, ref), marginal_utility(mmd_reward, gen, ref))
 
 
 def test_marginal_utility_gp_mi_is_non_negative():
@@ -172,9 +164,7 @@ def test_marginal_utility_gp_mi_is_non_negative():
 
 
 def test_marginal_utility_needs_enough_generated_images():
-    with pytest.raises(
-        ValueError, match=r"gen_feats has shape \[2, 8\]; expected \[n, D\] with n >= 3"
-    ):
+    with pytest.raises(ValueError, match=r"gen_feats has shape \[2, 8\]; expected \[n, D\] with n >= 3"):
         marginal_utility(mmd_reward, features(2), features(4, seed=1))
     with pytest.raises(ValueError, match="n >= 2"):
         marginal_utility(gp_mi_reward, features(1), features(4, seed=1))

@@ -33,9 +33,7 @@ def test_fid_from_features_matches_clean_fid(rows, dim):
     assert fid.item() == pytest.approx(expected, rel=1e-6)
     # float32 features are promoted to float64 before the statistics
     fid32 = fid_from_features(torch.from_numpy(real).float(), torch.from_numpy(fake).float())
-    assert fid32.item() == pytest.approx(
-        fid_from_feats(real.astype(np.float32), fake.astype(np.float32)), rel=1e-5
-    )
+    assert fid32.item() == pytest.approx(fid_from_feats(real.astype(np.float32), fake.astype(np.float32)), rel=1e-5)
 
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -69,9 +67,7 @@ def test_mean_cov_from_running_sums_matches_numpy():
     feats = torch.from_numpy(gaussian_features(50, 6, seed=5, shift=2.0))
     mean, cov = _mean_cov_from_sums(feats.sum(0), feats.T @ feats, len(feats))
     np.testing.assert_allclose(mean.numpy(), feats.numpy().mean(0), rtol=1e-12)
-    np.testing.assert_allclose(
-        cov.numpy(), np.cov(feats.numpy(), rowvar=False), rtol=1e-10, atol=1e-12
-    )
+    np.testing.assert_allclose(cov.numpy(), np.cov(feats.numpy(), rowvar=False), rtol=1e-10, atol=1e-12)
 
 
 def reference_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
@@ -88,9 +84,7 @@ def test_precision_recall_matches_reference(k, batch_size):
     real = gaussian_features(120, 10, seed=6)
     fake = gaussian_features(90, 10, seed=7, scale=1.4, shift=0.2)
     expected_precision, expected_recall = reference_precision_recall(real, fake, k)
-    out = precision_recall(
-        torch.from_numpy(real), torch.from_numpy(fake), k=k, batch_size=batch_size
-    )
+    out = precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=k, batch_size=batch_size)
     assert out["precision"].item() == pytest.approx(expected_precision, abs=1e-12)
     assert out["recall"].item() == pytest.approx(expected_recall, abs=1e-12)
     assert 0.0 < out["precision"] < out["recall"] < 1.0  # the wider fake set covers the real one
@@ -105,9 +99,7 @@ def test_precision_recall_counts_points_on_the_ball_boundary():
 
 
 def test_precision_recall_rejects_small_sets():
-    with pytest.raises(
-        ValueError, match=r"real_feats has shape \[3, 2\]; expected \[n, D\] with n >= 4"
-    ):
+    with pytest.raises(ValueError, match=r"real_feats has shape \[3, 2\]; expected \[n, D\] with n >= 4"):
         precision_recall(torch.rand(3, 2), torch.rand(10, 2), k=3)
     with pytest.raises(ValueError, match="k=0"):
         precision_recall(torch.rand(5, 2), torch.rand(5, 2), k=0)

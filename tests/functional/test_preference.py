@@ -28,10 +28,7 @@ def test_pairwise_loss_matches_direct_computation():
     better = torch.tensor([2.0, -1.0, 0.5, 0.0])
     worse = torch.tensor([1.0, 1.0, 0.5, -3.0])
     expected = (
-        -sum(
-            math.log(1.0 / (1.0 + math.exp(-(b - w))))
-            for b, w in zip(better.tolist(), worse.tolist(), strict=True)
-        )
+        -sum(math.log(1.0 / (1.0 + math.exp(-(b - w)))) for b, w in zip(better.tolist(), worse.tolist(), strict=True))
         / 4
     )
     assert pairwise_loss(better, worse).item() == pytest.approx(expected, rel=1e-6)

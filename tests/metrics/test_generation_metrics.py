@@ -2,14 +2,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_sdrl.data.reference import DigitsReference
 from lightning_sdrl.data.sampling import SamplingDataModule
+from lightning_sdrl.digits.classifier import DigitsClassifier
+from lightning_sdrl.digits.features import DigitsFeatures
+from lightning_sdrl.digits.reference import DigitsReference
 from lightning_sdrl.functional.metrics import attribute_kl, fid_from_features, precision_recall
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
-from lightning_sdrl.rewards.classifiers import DigitsClassifier
-from lightning_sdrl.rewards.diversity import DigitsFeatures
 from lightning_sdrl.rewards.simple import Brightness
 
 
@@ -36,12 +36,23 @@ def test_generation_metrics_match_the_functional_values():
 
 
 def test_ddpo_validate_logs_generation_metrics(tmp_path):
-    evaluation = GenerationMetrics(DigitsFeatures(), DigitsReference(per_class=3),
-                                   attribute_classifier=DigitsClassifier())
-    module = DDPOModule(RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)), Brightness(), num_steps=2,
-                        guidance_scale=1.0, evaluation=evaluation)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
+    evaluation = GenerationMetrics(
+        DigitsFeatures(), DigitsReference(per_class=3), attribute_classifier=DigitsClassifier()
+    )
+    module = DDPOModule(
+        RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
+        Brightness(),
+        num_steps=2,
+        guidance_scale=1.0,
+        evaluation=evaluation,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     data = SamplingDataModule(prompts=["a", "b"], val_samples_per_prompt=4, val_batch_size=4)
     (metrics,) = trainer.validate(module, data, verbose=False)
     assert {"val/reward_mean", "val/fid", "val/precision", "val/recall", "val/attribute_kl"} <= set(metrics)

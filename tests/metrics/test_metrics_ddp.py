@@ -63,9 +63,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         halves = {name: tensor.chunk(WORLD_SIZE)[rank] for name, tensor in data().items()}
         # rank 0 updates in several batches, rank 1 in one: list states of different lengths
-        batches = {
-            name: list(half.split(5 if rank == 0 else len(half))) for name, half in halves.items()
-        }
+        batches = {name: list(half.split(5 if rank == 0 else len(half))) for name, half in halves.items()}
         torch.save(run_metrics(batches), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -79,13 +77,9 @@ def free_port() -> int:
 
 def test_two_process_ddp_equals_single_process(tmp_path):
     # fork: the children inherit the imported modules instead of importing torchmetrics again
-    mp.start_processes(
-        worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method="fork"
-    )
+    mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method="fork")
     expected = run_metrics({name: [tensor] for name, tensor in data().items()})
     for rank in range(WORLD_SIZE):
         values = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in expected.items():
-            torch.testing.assert_close(
-                values[name], value, rtol=1e-9, atol=1e-12, msg=f"rank {rank} {name}"
-            )
+            torch.testing.assert_close(values[name], value, rtol=1e-9, atol=1e-12, msg=f"rank {rank} {name}")

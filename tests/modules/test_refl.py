@@ -46,11 +46,20 @@ def test_truncated_backprop_runs_the_last_k_steps_with_gradients():
 
 def test_fit_raises_the_reward_and_kl_grows(tmp_path):
     module = make_module(optimizer=lambda p: torch.optim.AdamW(p, lr=0.2), reward_weight=1.0)
-    data = SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1, val_samples_per_prompt=4,
-                              val_batch_size=4)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=8, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         num_sanity_val_steps=0, gradient_clip_val=1.0)
+    data = SamplingDataModule(
+        prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1, val_samples_per_prompt=4, val_batch_size=4
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+    )
     (before,) = trainer.validate(module, data, verbose=False)
     trainer.fit(module, data)
     assert trainer.callback_metrics["train/kl"] > 0  # the policy moved away from the pretrained one

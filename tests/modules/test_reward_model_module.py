@@ -1,4 +1,3 @@
-
 import lightning.pytorch as pl
 import numpy as np
 import pyarrow as pa
@@ -104,8 +103,15 @@ def test_fit_prints_validation_accuracy_every_epoch(tiny_clip, tmp_path, caplog)
     name, weights = tiny_clip
     write_brightness_preferences(tmp_path / "db")
     module = RewardModelModule(name, weights, hidden_sizes=(8,), dropout=(), lr=1e-2)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=2,
+    )
     with caplog.at_level("INFO"):
         trainer.fit(module, ImageRewardDataModule(str(tmp_path / "db"), batch_size=8))
     lines = [r.getMessage() for r in caplog.records if "val/accuracy" in r.getMessage()]

@@ -17,9 +17,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lightning_sdrl.digits.policy import DigitsPolicy
 from lightning_sdrl.policies import ClassConditionalPolicy, LoRASettings, RandomTextToImagePolicy
 from lightning_sdrl.policies.architectures import stable_diffusion_scheduler, tiny_class_conditional_unet
-from lightning_sdrl.policies.digits import DigitsPolicy
 from lightning_sdrl.policies.lora import LORA_WEIGHTS_FILE
 from tests.conftest import randomize_lora
 
@@ -98,7 +98,7 @@ def test_pipeline_load_lora_weights_loads_every_tensor_and_fuses(tmp_path):
     policy.save_trained(tmp_path)
     pipe = tiny_pipeline()
     x, t, cond = unet_inputs(policy)
-    base = pipe.unet(x, t, encoder_hidden_states=cond).sample
+    base = pipe.unet(x, t, **cond).sample
     pipe.load_lora_weights(tmp_path, adapter_name="trained")
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name="trained")
     ours = get_peft_model_state_dict(policy.unet)
@@ -106,10 +106,10 @@ def test_pipeline_load_lora_weights_loads_every_tensor_and_fuses(tmp_path):
     assert set(loaded) == set(ours) and all(torch.equal(loaded[key], ours[key]) for key in ours)
     expected = policy.denoise(x, t, cond)
     assert not torch.allclose(base, expected, atol=1e-3)
-    torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=cond).sample, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pipe.unet(x, t, **cond).sample, expected, atol=1e-6, rtol=0)
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # the fused update stays in the base weights
-    torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=cond).sample, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pipe.unet(x, t, **cond).sample, expected, atol=1e-5, rtol=0)
 
 
 def test_unet_load_lora_adapter_with_unet_prefix(tmp_path):
@@ -118,9 +118,7 @@ def test_unet_load_lora_adapter_with_unet_prefix(tmp_path):
     unet = RandomTextToImagePolicy("tiny", seed=0, lora=None).unet
     unet.load_lora_adapter(tmp_path, weight_name=LORA_WEIGHTS_FILE, prefix="unet")
     x, t, cond = unet_inputs(policy)
-    torch.testing.assert_close(
-        unet(x, t, encoder_hidden_states=cond).sample, policy.denoise(x, t, cond), atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(unet(x, t, **cond).sample, policy.denoise(x, t, cond), atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- load_trained round trips
@@ -152,7 +150,7 @@ def test_class_conditional_load_trained_full_fine_tuning(tmp_path):
     trained.save_trained(tmp_path)
     fresh = make()
     fresh.load_trained(tmp_path)
-    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([5, 700]), torch.tensor([0, 2])
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([5, 700]), trained.encode_prompts(["a", "c"])
     assert not torch.allclose(make().denoise(x, t, c), trained.denoise(x, t, c), atol=1e-3)
     torch.testing.assert_close(fresh.denoise(x, t, c), trained.denoise(x, t, c), atol=1e-6, rtol=0)
 
@@ -227,7 +225,7 @@ FRESH_PROCESS = """
 import sys, torch
 from diffusers import StableDiffusionPipeline
 from lightning_sdrl.policies import LoRASettings
-from lightning_sdrl.policies.digits import DigitsPolicy
+from lightning_sdrl.digits.policy import DigitsPolicy
 
 torch.set_num_threads(1)
 work = sys.argv[1]
@@ -256,7 +254,8 @@ def test_trained_loras_load_in_a_fresh_process(tmp_path, tiny_sd_dir):
     tiny.save_trained(tmp_path / "tiny-lora")
     x, t, cond = unet_inputs(tiny)
     prompts = ["a handwritten seven", "the digit 2"]
-    torch.save({"digits_lora": digits_lora, "prompts": prompts, "x": x, "t": t, "cond": cond}, tmp_path / "inputs.pt")
+    inputs = {"digits_lora": digits_lora, "prompts": prompts, "x": x, "t": t, "cond": cond["encoder_hidden_states"]}
+    torch.save(inputs, tmp_path / "inputs.pt")
 
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}  # same numerics
     run = subprocess.run(

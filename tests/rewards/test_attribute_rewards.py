@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sdrl.data.digits import digits_split
+from lightning_sdrl.digits.classifier import DigitsClassifier
+from lightning_sdrl.digits.data import digits_split
 from lightning_sdrl.functional.classifier_rewards import balance_reward, shift_reward
 from lightning_sdrl.rewards.attribute import (
     BalanceReward,
@@ -12,7 +13,6 @@ from lightning_sdrl.rewards.attribute import (
     attribute_shares,
     group_probabilities,
 )
-from lightning_sdrl.rewards.classifiers import DigitsClassifier
 
 # hand-made probabilities of a 4-class classifier for 6 images
 PROBS = torch.tensor(
@@ -151,7 +151,7 @@ reward:
   class_path: lightning_sdrl.rewards.attribute.BalanceReward
   init_args:
     classifier:
-      class_path: lightning_sdrl.rewards.classifiers.DigitsClassifier
+      class_path: lightning_sdrl.digits.classifier.DigitsClassifier
     groups: [[0], [6, 8, 9]]
     threshold: 0.8
 """
@@ -173,7 +173,7 @@ def test_ddpo_config_with_the_balance_reward_parses(tmp_path, capsys):
     config["model"]["init_args"]["reward"] = {
         "class_path": "lightning_sdrl.rewards.attribute.BalanceReward",
         "init_args": {
-            "classifier": {"class_path": "lightning_sdrl.rewards.classifiers.DigitsClassifier"},
+            "classifier": {"class_path": "lightning_sdrl.digits.classifier.DigitsClassifier"},
             "groups": [[0], [6, 8, 9]],
         },
     }

@@ -1,13 +1,12 @@
-
 import numpy as np
 import open_clip
 import pytest
 import torch
 
-from lightning_sdrl.data.digits import digits_split
+from lightning_sdrl.digits.classifier import DigitsClassifier
+from lightning_sdrl.digits.data import digits_split
 from lightning_sdrl.rewards.classifiers import (
     CLIPZeroShotClassifier,
-    DigitsClassifier,
     HFImageClassifier,
     resize_images,
 )

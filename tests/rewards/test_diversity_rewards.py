@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sdrl.data.reference import DigitsReference, ReferenceSet
+from lightning_sdrl.digits.features import DigitsFeatures
+from lightning_sdrl.digits.reference import DigitsReference
 from lightning_sdrl.functional.diversity import gp_mi_reward, marginal_utility, mmd_reward
+from lightning_sdrl.reference import ReferenceSet
 from lightning_sdrl.rewards.diversity import (
     CLIPImageFeatures,
-    DigitsFeatures,
     DiversityReward,
     InceptionFeatures,
 )
@@ -178,9 +179,9 @@ reward:
   class_path: lightning_sdrl.rewards.diversity.DiversityReward
   init_args:
     feature_extractor:
-      class_path: lightning_sdrl.rewards.diversity.DigitsFeatures
+      class_path: lightning_sdrl.digits.features.DigitsFeatures
     reference:
-      class_path: lightning_sdrl.data.reference.DigitsReference
+      class_path: lightning_sdrl.digits.reference.DigitsReference
       init_args: {classes: [0, 6, 8, 9], per_class: 10}
     kind: gp_mi
     normalize: true

@@ -4,17 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sdrl.data.digits import digits_split
-from lightning_sdrl.data.reference import ReferenceSet
+from lightning_sdrl.digits.classifier import DigitsClassifier
+from lightning_sdrl.digits.data import digits_split
+from lightning_sdrl.digits.embedder import DigitsEmbedder
+from lightning_sdrl.digits.features import DigitsFeatures
 from lightning_sdrl.functional.classifier_rewards import balance_reward, shift_reward
 from lightning_sdrl.functional.diversity import marginal_utility, mmd_reward
 from lightning_sdrl.functional.image_rewards import jpeg_compressibility
+from lightning_sdrl.reference import ReferenceSet
 from lightning_sdrl.rewards.aesthetic import AestheticReward, CLIPScoreReward
 from lightning_sdrl.rewards.attribute import BalanceReward, ShiftReward, group_probabilities
 from lightning_sdrl.rewards.base import check_images, score_finite_images
-from lightning_sdrl.rewards.classifiers import DigitsClassifier
-from lightning_sdrl.rewards.digits_embedder import DigitsEmbedder
-from lightning_sdrl.rewards.diversity import DigitsFeatures, DiversityReward
+from lightning_sdrl.rewards.diversity import DiversityReward
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder, LearnedPreferenceReward, RewardHead
 from lightning_sdrl.rewards.simple import Brightness, JpegCompressibility
 from tests.helpers import make_tiny_clip, tiny_clip_config

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m lightning_sdrl.feedback.train_digits --out DIR [--seed 0] [--figure PNG]
+    python -m lightning_sdrl.digits.train_digits --out DIR [--seed 0] [--figure PNG]
 
 writes
 
@@ -12,7 +12,7 @@ writes
 - ``DIR/report.json``: held-out accuracy, confusion matrices, robustness checks;
 - the confusion-matrix figure (``DIR/confusion_matrix.png`` unless ``--figure`` says where).
 
-Both models train on the ``"train"`` split of :func:`lightning_sdrl.data.digits.digits_split`
+Both models train on the ``"train"`` split of :func:`lightning_sdrl.digits.data.digits_split`
 and are evaluated on its ``"test"`` split. Training is a plain PyTorch loop on one CPU thread with
 fixed seeds and deterministic algorithms (about a minute): these are fixed tools that ship
 with the package, not a recipe users tune, so they do not need a LightningModule.
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sdrl.data.digits import digits_split
-from lightning_sdrl.feedback.digits import NUM_DIGIT_CLASSES, DigitClassifier, DigitFeatureNet
+from lightning_sdrl.digits.data import digits_split
+from lightning_sdrl.digits.models import NUM_DIGIT_CLASSES, DigitClassifier, DigitFeatureNet
 
 CONFIDENCE_THRESHOLD = 0.7
 """Section III-C: an image whose top class probability is below 0.7 is labelled "None"."""
@@ -325,7 +325,7 @@ def plot_confusion(report: dict[str, Any], path: str | Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train both models, save them under ``--out``, and write the report and figure."""
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_sdrl.feedback.train_digits", description=__doc__.split("\n")[0]
+        prog="python -m lightning_sdrl.digits.train_digits", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="classifier seed; feature net: +1")
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     classifier.save_pretrained(args.out / "classifier")
     feature_net.save_pretrained(args.out / "feature_net")
 
-    command = "python -m lightning_sdrl.feedback.train_digits " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m lightning_sdrl.digits.train_digits " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {
         "command": command.strip(),
         "seed": args.seed,

@@ -6,27 +6,17 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_sdrl.data.digits_captions import BALANCE_PROMPT, DigitsCaptionDataModule, digit_captions
-from lightning_sdrl.feedback.digits import DigitClassifier
-from lightning_sdrl.modules.pretrain import (
-    DiffusionPretrainModule,
-    drop_captions,
-    epsilon_loss,
-    evaluate_classes,
-    forward_diffusion,
-    sample_and_classify,
-    warmup_cosine,
-)
+from lightning_sdrl.digits.captions import BALANCE_PROMPT, DigitsCaptionDataModule, digit_captions
+from lightning_sdrl.digits.models import DigitClassifier
+from lightning_sdrl.digits.policy import DIGITS_DIFFUSION_DIR, DigitsPolicy
+from lightning_sdrl.digits.pretrain import DigitsPretrainModule as DiffusionPretrainModule
+from lightning_sdrl.digits.pretrain import evaluate_classes, sample_and_classify
+from lightning_sdrl.modules.pretrain import drop_captions, epsilon_loss, forward_diffusion, warmup_cosine
 from lightning_sdrl.policies import StableDiffusionPolicy
-from lightning_sdrl.policies.digits import (
-    DIGITS_DIFFUSION_DIR,
-    DigitsPolicy,
-    PixelTextToImageArchitecture,
-    pixel_text_to_image_components,
-)
+from lightning_sdrl.policies.pixel import PixelTextToImageArchitecture, pixel_text_to_image_components
 
 ROOT = Path(__file__).resolve().parents[2]
-REPORT = ROOT / "lightning_sdrl" / "assets" / "digits" / "diffusion_report.json"
+REPORT = ROOT / "lightning_sdrl" / "digits" / "assets" / "diffusion_report.json"
 DOCS = ROOT / "docs" / "digits_model.md"
 TINY = PixelTextToImageArchitecture(
     block_out_channels=(8, 16),

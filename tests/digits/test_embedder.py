@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_sdrl.feedback.digits import DigitFeatureNet, to_canonical_digits
-from lightning_sdrl.policies.digits import DIGITS_DIFFUSION_DIR
-from lightning_sdrl.rewards.digits_embedder import DigitsEmbedder
+from lightning_sdrl.digits.embedder import DigitsEmbedder
+from lightning_sdrl.digits.models import DigitFeatureNet, to_canonical_digits
+from lightning_sdrl.digits.policy import DIGITS_DIFFUSION_DIR
 from lightning_sdrl.rewards.reward_model import LearnedPreferenceReward, PretrainedPreferenceReward, RewardHead
 
 
@@ -62,7 +62,7 @@ def test_reward_head_on_digits_embeddings_saves_and_loads_without_clip(embedder,
     reward = LearnedPreferenceReward(embedder, head, score_mean=0.5, score_std=2.0)
     reward.save_pretrained(tmp_path / "head")
     config = json.loads((tmp_path / "head" / "config.json").read_text())
-    assert config["embedder"]["class_path"] == "lightning_sdrl.rewards.digits_embedder.DigitsEmbedder"
+    assert config["embedder"]["class_path"] == "lightning_sdrl.digits.embedder.DigitsEmbedder"
     assert "clip_model_name" not in config
     loaded = PretrainedPreferenceReward(str(tmp_path / "head"))
     assert isinstance(loaded.embedder, DigitsEmbedder)

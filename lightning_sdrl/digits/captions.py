@@ -31,7 +31,7 @@ An epoch is a seeded draw (:func:`sample_captioned_examples`) in which the class
 group caption are the table's weights rounded to whole images (largest remainder), so the
 caption-conditional class distribution of the data equals the table up to one image.
 
-Images are the canonical digits of :mod:`lightning_sdrl.data.digits` mapped to ``[-1, 1]``
+Images are the canonical digits of :mod:`lightning_sdrl.digits.data` mapped to ``[-1, 1]``
 (the diffusion model's pixel range), ``[1, 16, 16]``, from the ``"train"`` split only.
 """
 
@@ -45,8 +45,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_sdrl.data.digits import digits_split
-from lightning_sdrl.data.sampling import PromptBatch, derive_seed
+from lightning_sdrl.data.sampling import PromptBatch
+from lightning_sdrl.digits.data import digits_split
+from lightning_sdrl.functional.seeding import derive_seed
 from lightning_sdrl.validation import check_positive_ints
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

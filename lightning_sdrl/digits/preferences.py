@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sdrl.data.digits_captions import digit_captions
 from lightning_sdrl.data.imagereward_db import PARQUET_FILES, ImageRewardDataModule, Split
-from lightning_sdrl.data.sampling import derive_seed
-from lightning_sdrl.feedback.digits import to_canonical_digits
+from lightning_sdrl.digits.captions import digit_captions
+from lightning_sdrl.digits.models import to_canonical_digits
+from lightning_sdrl.functional.seeding import derive_seed
 
 __all__ = [
     "DEFAULT_GROUPS",
@@ -179,7 +179,7 @@ def build_digits_preference_db(
     if generations_per_prompt < 2:
         raise ValueError(f"generations_per_prompt={generations_per_prompt}; a ranking needs at least 2 images")
     if policy is None:
-        from lightning_sdrl.policies.digits import DigitsPolicy
+        from lightning_sdrl.digits.policy import DigitsPolicy
 
         policy = DigitsPolicy(lora=None)
     directory = Path(directory)

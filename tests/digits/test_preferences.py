@@ -5,15 +5,15 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from lightning_sdrl.data.digits_captions import digit_captions
-from lightning_sdrl.data.digits_preferences import (
+from lightning_sdrl.data.imagereward_db import ImageRewardDataModule, preference_pairs, read_parquet_split
+from lightning_sdrl.digits.captions import digit_captions
+from lightning_sdrl.digits.policy import DigitsPolicy
+from lightning_sdrl.digits.preferences import (
     DigitsPreferenceDataModule,
     build_digits_preference_db,
     rank_by_score,
     stroke_thickness,
 )
-from lightning_sdrl.data.imagereward_db import ImageRewardDataModule, preference_pairs, read_parquet_split
-from lightning_sdrl.policies.digits import DigitsPolicy
 
 GROUPS = {"train": 3, "validation": 2, "test": 1}
 CAPTIONS = {caption for digit in range(10) for caption in digit_captions(digit)}

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_sdrl.data.digits import digits_split
-from lightning_sdrl.feedback import train_digits
-from lightning_sdrl.feedback.digits import (
+from lightning_sdrl.digits import train_digits
+from lightning_sdrl.digits.data import digits_split
+from lightning_sdrl.digits.models import (
     ASSETS_DIR,
     DigitClassifier,
     DigitFeatureNet,
@@ -156,15 +156,11 @@ def test_constructor_errors_name_the_argument():
 
 def test_short_training_run_beats_chance(test_split, one_thread):
     train_images, train_labels = digits_split("train")
-    model = train_digits.train_classifier(
-        train_images[:400], train_labels[:400], epochs=4, batch_size=16
-    )
+    model = train_digits.train_classifier(train_images[:400], train_labels[:400], epochs=4, batch_size=16)
     images, labels = test_split
     with torch.no_grad():
         assert accuracy(model(images), labels) > 0.5  # chance is 0.1
-    again = train_digits.train_classifier(
-        train_images[:400], train_labels[:400], epochs=4, batch_size=16
-    )
+    again = train_digits.train_classifier(train_images[:400], train_labels[:400], epochs=4, batch_size=16)
     for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 

@@ -4,8 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_sdrl.data.digits import digits_split
-from lightning_sdrl.data.digits_captions import (
+from lightning_sdrl.digits.captions import (
     BALANCE_PROMPT,
     GROUP_PROMPTS,
     MULTICLASS_PROMPT,
@@ -16,6 +15,7 @@ from lightning_sdrl.data.digits_captions import (
     digit_captions,
     sample_captioned_examples,
 )
+from lightning_sdrl.digits.data import digits_split
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,11 @@ def test_validation_batches_are_digit_prompts_with_fixed_seeds():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"batch_size": 0}, "batch_size=0"), ({"group_caption_fraction": -0.1}, "group_caption_fraction=-0.1"),
-     ({"val_batch_size": 0}, "val_batch_size=0")],
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"group_caption_fraction": -0.1}, "group_caption_fraction=-0.1"),
+        ({"val_batch_size": 0}, "val_batch_size=0"),
+    ],
 )
 def test_invalid_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from lightning_sdrl.data.digits import (
+from lightning_sdrl.digits.data import (
     DigitsDataset,
     digits_split,
     digits_split_indices,

@@ -1,6 +1,6 @@
 """The digits miniature's data: scikit-learn's 1797 real 8x8 handwritten digits as image tensors.
 
-Every part of the digits miniature (the feedback models in :mod:`lightning_sdrl.feedback.digits`,
+Every part of the digits miniature (the feedback models in :mod:`lightning_sdrl.digits.models`,
 the digits diffusion model, reference sets for FID) reads images through these helpers, so they
 all agree on two conventions:
 

@@ -5,14 +5,14 @@ judges each generated image, and an image whose top probability is below a confi
 labelled "None". In the digits miniature :class:`DigitClassifier` plays that classifier and
 :class:`DigitFeatureNet` plays the Inception / CLIP feature extractor behind FID,
 precision-recall and diversity rewards. The two are trained separately (different architecture
-and seed, see :mod:`lightning_sdrl.feedback.train_digits`) so that a policy optimised against
+and seed, see :mod:`lightning_sdrl.digits.train_digits`) so that a policy optimised against
 the classifier is not also graded by the same network.
 
 Both take generated images as ``[B, C, H, W]`` floats in ``[0, 1]`` with ``C`` = 1 or 3 and any
 ``H, W``, and turn them into canonical digits images themselves (:func:`to_canonical_digits`).
 Both are differentiable with respect to the images (for ReFL-style reward backpropagation).
 
-Weights trained by ``python -m lightning_sdrl.feedback.train_digits`` ship with the package:
+Weights trained by ``python -m lightning_sdrl.digits.train_digits`` ship with the package:
 ``DigitClassifier.from_pretrained()`` and ``DigitFeatureNet.from_pretrained()`` load them.
 """
 
@@ -35,12 +35,12 @@ DIGIT_IMAGE_SIZE = 16
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 """Where the package's pretrained digits weights live (``classifier/`` and ``feature_net/``)."""
 
 _RETRAIN_HINT = (
     "re-install lightning_sdrl, or retrain with "
-    "`python -m lightning_sdrl.feedback.train_digits --out DIR` and pass DIR/{name}"
+    "`python -m lightning_sdrl.digits.train_digits --out DIR` and pass DIR/{name}"
 )
 
 
@@ -99,7 +99,7 @@ class DigitClassifier(nn.Module):
     Example:
         >>> import torch
         >>> model = DigitClassifier.from_pretrained()  # the weights shipped with the package
-        >>> from lightning_sdrl.data.digits import digits_split
+        >>> from lightning_sdrl.digits.data import digits_split
         >>> images, labels = digits_split("test")
         >>> with torch.no_grad():
         ...     probs = model.predict_proba(images[:4].expand(-1, 3, -1, -1))
@@ -159,7 +159,7 @@ class DigitClassifier(nn.Module):
 
         Args:
             directory: Folder with ``config.json`` and ``model.safetensors``. ``None`` loads the
-                weights shipped with the package (``lightning_sdrl/assets/digits/classifier``).
+                weights shipped with the package (``lightning_sdrl/digits/assets/classifier``).
 
         Raises:
             FileNotFoundError: the folder or one of its two files is missing.
@@ -226,7 +226,7 @@ class DigitFeatureNet(nn.Module):
 
         Args:
             directory: Folder with ``config.json`` and ``model.safetensors``. ``None`` loads the
-                weights shipped with the package (``lightning_sdrl/assets/digits/feature_net``).
+                weights shipped with the package (``lightning_sdrl/digits/assets/feature_net``).
 
         Raises:
             FileNotFoundError: the folder or one of its two files is missing.
