@@ -1,0 +1,1 @@
+"""DataModules: on-policy prompt sampling (``sampling.py``), prompt sources, ImageRewardDB preference pairs."""

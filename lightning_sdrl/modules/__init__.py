@@ -1,0 +1,1 @@
+"""LightningModules, one algorithm per file: DDPO, ReFL, reward-model pretraining, denoising pretraining."""

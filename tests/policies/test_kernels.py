@@ -1,13 +1,19 @@
 """A new step kernel is one class: a toy fixed-variance Gaussian step samples, scores and trains."""
 
+import json
+from typing import get_args
+
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from lightning_sdrl.data.sampling import SamplingDataModule
+from lightning_sdrl.digits.policy import DIGITS_DIFFUSION_DIR
 from lightning_sdrl.functional.advantages import BatchNormalizedAdvantages
 from lightning_sdrl.functional.gaussian import StepDistribution
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.policies import DDIMStep, LoRASettings, RandomTextToImagePolicy, StepKernel
+from lightning_sdrl.policies.architectures import ARCHITECTURES, ArchitectureName, text_to_image_components
 from lightning_sdrl.rewards.simple import Brightness
 
 STD = 0.3
@@ -81,3 +87,14 @@ def test_toy_kernel_trains_through_ddpo_without_touching_the_module(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(after[k]).all() for k in before)
     assert isinstance(module.policy.kernel, FixedVarianceStep)
+
+
+def test_every_named_architecture_is_in_the_typed_table():
+    assert sorted(get_args(ArchitectureName)) == sorted(ARCHITECTURES)
+    # "digits" is the shipped digits model's architecture, with random weights
+    built = RandomTextToImagePolicy("digits", lora=None).unet.config
+    saved = json.loads((DIGITS_DIFFUSION_DIR / "unet" / "config.json").read_text())
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim", "sample_size"):
+        assert (list(built[key]) if isinstance(saved[key], list) else built[key]) == saved[key], key
+    with pytest.raises(ValueError, match="expected one of"):
+        text_to_image_components("sd3")
