@@ -62,6 +62,20 @@ class NaNOnRankZeroReward(RewardModule):
         return rewards
 
 
+class KillAtEpoch(pl.Callback):
+    """Kills its own process with SIGKILL (``kill -9``: no clean-up, no checkpoint) when ``epoch`` starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RecordUpdates(pl.Callback):
     """Writes, per rank and epoch, a fingerprint of the samples and the advantages used."""
 
