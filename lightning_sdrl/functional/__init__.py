@@ -4,6 +4,7 @@ from lightning_sdrl.functional.advantages import (
     AdvantageRule,
     BatchNormalizedAdvantages,
     CenteredAdvantages,
+    GroupRelativeAdvantages,
     PerPromptAdvantages,
 )
 from lightning_sdrl.functional.classifier_rewards import balance_reward, classify_with_threshold, shift_reward
@@ -15,6 +16,11 @@ from lightning_sdrl.functional.diversity import (
     mmd_subset_rewards,
     polynomial_kernel,
     rbf_kernel,
+)
+from lightning_sdrl.functional.flow_sde import (
+    cps_step_distribution,
+    flow_sde_step_distribution,
+    flow_sde_step_with_logprob,
 )
 from lightning_sdrl.functional.gaussian import StepDistribution, gaussian_kl_same_std, gaussian_log_prob, sample_step
 from lightning_sdrl.functional.image_rewards import jpeg_compressibility, jpeg_size_kb, mean_brightness
@@ -29,6 +35,7 @@ __all__ = [
     "AdvantageRule",
     "BatchNormalizedAdvantages",
     "CenteredAdvantages",
+    "GroupRelativeAdvantages",
     "PerPromptAdvantages",
     "DDIMStepDistribution",
     "PerPromptStatTracker",
@@ -39,10 +46,13 @@ __all__ = [
     "batch_advantages",
     "classify_with_threshold",
     "clip_advantages",
+    "cps_step_distribution",
     "ddim_step_distribution",
     "ddim_step_with_logprob",
     "derive_seed",
     "fid_from_features",
+    "flow_sde_step_distribution",
+    "flow_sde_step_with_logprob",
     "frechet_distance",
     "gaussian_kl_same_std",
     "gaussian_log_prob",

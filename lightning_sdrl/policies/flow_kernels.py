@@ -1,0 +1,74 @@
+"""Step kernels for flow-matching models: Flow-GRPO's SDE step and the coefficients-preserving step.
+
+Both turn the Euler ODE sampler of a rectified-flow model (Stable Diffusion 3, Flux) into a
+Gaussian policy with the ODE's marginals; the math is in :mod:`lightning_sdrl.functional.flow_sde`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from diffusers import FlowMatchEulerDiscreteScheduler
+from torch import Tensor
+
+from lightning_sdrl.functional.flow_sde import cps_step_distribution, flow_sde_step_distribution
+from lightning_sdrl.functional.gaussian import StepDistribution
+
+FlowSDEVariant = Literal["sde", "cps"]
+"""``"sde"``: Flow-GRPO's reverse SDE (Liu et al. 2025); ``"cps"``: coefficients-preserving sampling
+(Wang & Yu 2025)."""
+
+_DISTRIBUTIONS = {"sde": flow_sde_step_distribution, "cps": cps_step_distribution}
+
+
+class FlowSDEStep:
+    """A stochastic step of a flow-matching sampler (Flow-GRPO's policy), for ``FlowMatchEulerDiscreteScheduler``.
+
+    ``eta`` in :meth:`distribution` is the noise level: ``a >= 0`` of ``sigma_t = a sqrt(t / (1 - t))``
+    for ``"sde"`` (Flow-GRPO uses 0.7), ``a`` in ``[0, 1]`` of ``std = s sin(a pi / 2)`` for ``"cps"``;
+    0 is the deterministic Euler step (for steps outside a stochastic window).
+
+    Args:
+        scheduler: the noise schedule; its config is re-read as a ``FlowMatchEulerDiscreteScheduler``
+            (a private copy, so ``set_timesteps`` here changes no other object).
+        variant: ``"sde"`` (Flow-GRPO's reverse SDE) or ``"cps"`` (coefficients-preserving
+            sampling, whose last step, to sigma 0, is deterministic).
+
+    Example:
+        >>> import torch
+        >>> kernel = FlowSDEStep(FlowMatchEulerDiscreteScheduler(shift=3.0))
+        >>> kernel.set_timesteps(2)
+        tensor([1000.0000,    8.9286])
+        >>> dist = kernel.distribution(torch.zeros(1, 2), torch.tensor(1000.0), torch.ones(1, 2), eta=0.7)
+        >>> dist.mean.shape, dist.std
+        (torch.Size([1, 2]), tensor([[0.7000]]))
+    """
+
+    def __init__(self, scheduler: Any, variant: FlowSDEVariant = "sde") -> None:
+        if variant not in _DISTRIBUTIONS:
+            raise ValueError(f"variant={variant!r}; expected one of {list(get_args(FlowSDEVariant))}")
+        if scheduler.config.get("use_dynamic_shifting", False):
+            raise ValueError(
+                "scheduler.config.use_dynamic_shifting=True needs a resolution-dependent mu in set_timesteps, "
+                "which FlowSDEStep does not pass; build the scheduler with use_dynamic_shifting=False and a fixed shift"
+            )
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        self.variant = variant
+
+    def set_timesteps(self, num_steps: int) -> Tensor:
+        """Set the scheduler's inference timesteps (only if they change); returns them (on the CPU)."""
+        # a fresh FlowMatchEulerDiscreteScheduler has no num_inference_steps until set_timesteps
+        if getattr(self.scheduler, "num_inference_steps", None) != num_steps:
+            self.scheduler.set_timesteps(num_steps)
+        return self.scheduler.timesteps
+
+    def distribution(self, model_output: Tensor, timestep: Tensor, sample: Tensor, eta: float) -> StepDistribution:
+        """The step's Gaussian, with ``noise_level=eta``.
+
+        :func:`~lightning_sdrl.functional.flow_sde.flow_sde_step_distribution` for ``"sde"``,
+        :func:`~lightning_sdrl.functional.flow_sde.cps_step_distribution` for ``"cps"``.
+        """
+        return _DISTRIBUTIONS[self.variant](self.scheduler, model_output, timestep, sample, eta)
+
+    def __repr__(self) -> str:
+        return f"FlowSDEStep(variant={self.variant!r}, shift={self.scheduler.config.shift})"
