@@ -5,7 +5,9 @@ prompts. This DataModule decides those prompts and the noise seed of every batch
 
 - one epoch is ``num_batches_per_epoch`` batches of ``batch_size`` prompts per process;
 - the prompts of an epoch are one global draw (identical on all processes) cycling through
-  shuffled copies of the prompt list, shared out across processes;
+  shuffled copies of the prompt list, shared out across processes; with ``group_size`` each drawn
+  prompt is repeated ``group_size`` times in a row (GRPO's groups), so a group may span
+  batches and processes;
 - each process and batch gets its own noise seed, derived from ``(seed, epoch, rank, batch)``,
   so runs are reproducible and resumable (:func:`~lightning_sdrl.functional.seeding.derive_seed`,
   also importable from here).
@@ -59,6 +61,15 @@ def draw_prompt_ids(num_prompts: int, count: int, seed: int) -> Tensor:
     return torch.cat([torch.randperm(num_prompts, generator=generator) for _ in range(rounds)])[:count]
 
 
+def check_group_size(samples_per_epoch: int, group_size: int) -> None:
+    """Raise unless an epoch's ``samples_per_epoch`` (over all processes) split into whole groups."""
+    if samples_per_epoch % group_size:
+        raise ValueError(
+            f"an epoch samples {samples_per_epoch} images (batch_size x num_batches_per_epoch x devices), not a "
+            f"multiple of group_size={group_size}; choose batch_size and num_batches_per_epoch so that it is"
+        )
+
+
 class _PromptBatches(IterableDataset):
     """Yields the prompt batches of one epoch for one process."""
 
@@ -70,9 +81,10 @@ class _PromptBatches(IterableDataset):
         seed: int,
         where: Callable[[], tuple[int, int, int]],
         fixed: bool,
+        group_size: int = 1,
     ) -> None:
         self.prompts, self.batch_size, self.num_batches = prompts, batch_size, num_batches
-        self.seed, self.where, self.fixed = seed, where, fixed
+        self.seed, self.where, self.fixed, self.group_size = seed, where, fixed, group_size
 
     def __len__(self) -> int:
         return self.num_batches
@@ -82,6 +94,11 @@ class _PromptBatches(IterableDataset):
         epoch = 0 if self.fixed else epoch
         if self.fixed:  # validation: every prompt in order, the same seeds each time
             ids = torch.arange(self.num_batches * world * self.batch_size) % len(self.prompts)
+        elif self.group_size > 1:
+            total = self.num_batches * world * self.batch_size
+            check_group_size(total, self.group_size)
+            groups = draw_prompt_ids(len(self.prompts), total // self.group_size, derive_seed(self.seed, epoch))
+            ids = groups.repeat_interleave(self.group_size)
         else:
             ids = draw_prompt_ids(
                 len(self.prompts), self.num_batches * world * self.batch_size, derive_seed(self.seed, epoch)
@@ -110,6 +127,9 @@ class SamplingDataModule(pl.LightningDataModule):
         val_samples_per_prompt: validation images per prompt (over all devices).
         val_batch_size: prompts per validation sampling call, per device.
         seed: base seed of prompt draws and sampling noise.
+        group_size: training samples of each drawn prompt per epoch, in a row (GRPO's group,
+            Flow-GRPO: 24); 1 draws prompts independently. An epoch's
+            ``batch_size x num_batches_per_epoch x devices`` samples must be a multiple of it.
     """
 
     def __init__(
@@ -123,6 +143,7 @@ class SamplingDataModule(pl.LightningDataModule):
         val_samples_per_prompt: int = 4,
         val_batch_size: int = 8,
         seed: int = 0,
+        group_size: int = 1,
     ) -> None:
         super().__init__()
         self.prompts = load_prompts(prompts, prompt_file, template, fill_ins)
@@ -131,10 +152,17 @@ class SamplingDataModule(pl.LightningDataModule):
             num_batches_per_epoch=num_batches_per_epoch,
             val_samples_per_prompt=val_samples_per_prompt,
             val_batch_size=val_batch_size,
+            group_size=group_size,
         )
         self.batch_size, self.num_batches_per_epoch = batch_size, num_batches_per_epoch
         self.val_samples_per_prompt, self.val_batch_size = val_samples_per_prompt, val_batch_size
-        self.seed = seed
+        self.seed, self.group_size = seed, group_size
+
+    def setup(self, stage: str) -> None:
+        """Check that an epoch's samples over all processes split into whole groups."""
+        if stage == "fit" and self.group_size > 1:
+            _, _, world = self._where()
+            check_group_size(self.batch_size * self.num_batches_per_epoch * world, self.group_size)
 
     def _where(self) -> tuple[int, int, int]:
         trainer = self.trainer
@@ -145,7 +173,13 @@ class SamplingDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """``num_batches_per_epoch`` :class:`PromptBatch` es per epoch for this process."""
         dataset = _PromptBatches(
-            self.prompts, self.batch_size, self.num_batches_per_epoch, self.seed, self._where, fixed=False
+            self.prompts,
+            self.batch_size,
+            self.num_batches_per_epoch,
+            self.seed,
+            self._where,
+            fixed=False,
+            group_size=self.group_size,
         )
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
 

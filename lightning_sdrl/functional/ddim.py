@@ -95,7 +95,8 @@ def ddim_step_distribution(
             ``prediction_type``).
         timestep: the current timestep ``t``, a scalar or a ``[B]`` tensor.
         sample: ``[B, ...]`` the current sample ``x_t``.
-        eta: DDIM's noise weight in ``(0, 1]``; 1 is DDPM-like sampling.
+        eta: DDIM's noise weight in ``[0, 1]``; 1 is DDPM-like sampling, 0 the deterministic
+            DDIM step (std 0: a map without a density, for steps that are not trained on).
 
     Returns:
         The step's mean, standard deviation and predicted ``x_0``, in float32 or float64 (the
@@ -104,8 +105,8 @@ def ddim_step_distribution(
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("scheduler.num_inference_steps is None; call scheduler.set_timesteps(n) first")
-    if not 0.0 < eta <= 1.0:
-        raise ValueError(f"eta={eta}; expected 0 < eta <= 1 (eta = 0 is deterministic: no density)")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta}; expected 0 <= eta <= 1")
     if scheduler.config.num_train_timesteps < 2:
         raise ValueError(
             f"scheduler.config.num_train_timesteps={scheduler.config.num_train_timesteps}; expected at least 2 "
@@ -179,6 +180,8 @@ def ddim_step_with_logprob(
         ``(prev_sample, log_prob)``: ``prev_sample`` has the dtype of ``sample``; ``log_prob`` is
         ``[B]`` in float32 (or float64 for float64 inputs).
     """
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"eta={eta}; expected 0 < eta <= 1 (eta = 0 is deterministic DDIM: no density)")
     dist = ddim_step_distribution(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         return sample_step(dist, sample.dtype, generator)

@@ -41,6 +41,9 @@ from lightning_sdrl.validation import check_positive_ints
 
 log = logging.getLogger("lightning_sdrl")
 
+SDE_WINDOW_KEY = 5
+"""Key mixed into a batch's seed for the draw of its SDE window (see :meth:`DDPOModule.sde_steps`)."""
+
 
 @dataclass
 class EpochSamples:
@@ -75,6 +78,10 @@ def check_ddpo_arguments(
     rollback_coef: float,
     kl_reference_coef: float,
     sample_grid_every_n_epochs: int,
+    sde_window_size: int = 0,
+    sde_window_range: tuple[int, int] | None = None,
+    val_num_steps: int | None = None,
+    val_eta: float | None = None,
 ) -> None:
     """Reject DDPO settings that could only fail (or silently do nothing) later, naming the fix.
 
@@ -85,10 +92,28 @@ def check_ddpo_arguments(
         ValueError: eta=0.0; expected 0 < eta <= 1 (eta = 0 is deterministic DDIM: its steps have no log-prob)
     """
     check_positive_ints(num_steps=num_steps)
+    lo, hi = sde_window_range if sde_window_range is not None else (0, num_steps)
     checks = [
         (
             0.0 < eta <= 1.0,
             f"eta={eta}; expected 0 < eta <= 1 (eta = 0 is deterministic DDIM: its steps have no log-prob)",
+        ),
+        (
+            isinstance(sde_window_size, int) and 0 <= sde_window_size <= num_steps,
+            f"sde_window_size={sde_window_size!r}; expected 0 (every step stochastic) to num_steps={num_steps}",
+        ),
+        (
+            not sde_window_size or 0 <= lo and lo + sde_window_size <= hi <= num_steps,
+            f"sde_window_range={sde_window_range}; expected [lo, hi) with 0 <= lo, lo + sde_window_size "
+            f"({sde_window_size}) <= hi <= num_steps ({num_steps})",
+        ),
+        (
+            val_num_steps is None or isinstance(val_num_steps, int) and val_num_steps >= 1,
+            f"val_num_steps={val_num_steps!r}; expected a positive number of steps, or null to use num_steps",
+        ),
+        (
+            val_eta is None or 0.0 <= val_eta <= 1.0,
+            f"val_eta={val_eta}; expected 0 <= val_eta <= 1 (0 validates with the deterministic sampler), or null",
         ),
         (guidance_scale >= 0, f"guidance_scale={guidance_scale}; expected >= 0 (1 disables guidance)"),
         (0.0 < timestep_fraction <= 1.0, f"timestep_fraction={timestep_fraction}; expected 0 < fraction <= 1"),
@@ -154,9 +179,20 @@ class DDPOModule(GenerationModule):
             is reloaded from its source).
         max_consecutive_skips: optimiser steps skipped in a row (non-finite gradients, or an epoch
             with no finite reward) after which the run stops with an error.
+        sde_window_size: sample only this many consecutive steps stochastically (and train only
+            on them), the others deterministically (Flow-GRPO-Fast); 0 samples every step
+            stochastically.
+        sde_window_range: ``[lo, hi)``: each sampling batch draws its window uniformly inside
+            these steps (default: all steps).
+        val_num_steps: sampling steps for validation (default ``num_steps``), e.g. 10 for
+            training and 40 for evaluation (Flow-GRPO's denoising reduction).
+        val_eta: noise weight for validation (default ``eta``; 0 evaluates with the ODE).
         evaluation: FID / precision-recall / attribute-KL of validation samples against a
             reference set (``None``: only the mean reward is validated).
     """
+
+    algorithm_name = "DDPO"
+    """Name in captions and messages."""
 
     def __init__(
         self,
@@ -184,6 +220,10 @@ class DDPOModule(GenerationModule):
         save_trained_on_end: bool = True,
         checkpoint_trainable_only: bool = True,
         max_consecutive_skips: int = 3,
+        sde_window_size: int = 0,
+        sde_window_range: tuple[int, int] | None = None,
+        val_num_steps: int | None = None,
+        val_eta: float | None = None,
         evaluation: GenerationMetrics | None = None,
     ) -> None:
         super().__init__()
@@ -200,6 +240,10 @@ class DDPOModule(GenerationModule):
             rollback_coef=rollback_coef,
             kl_reference_coef=kl_reference_coef,
             sample_grid_every_n_epochs=sample_grid_every_n_epochs,
+            sde_window_size=sde_window_size,
+            sde_window_range=sde_window_range,
+            val_num_steps=val_num_steps,
+            val_eta=val_eta,
         )
         check_positive_ints(
             train_batch_size=train_batch_size,
@@ -275,6 +319,21 @@ class DDPOModule(GenerationModule):
         self.write_trained()
 
     # ------------------------------------------------------------------ sampling and rewards
+    def sde_steps(self, batch: PromptBatch) -> Tensor | None:
+        """The SDE window of ``batch`` (``sde_window_size`` consecutive steps), drawn from its seed.
+
+        ``None`` (every step stochastic) when ``sde_window_size`` is 0.
+        """
+        hp = self.hparams
+        if not hp.sde_window_size:
+            return None
+        lo, hi = hp.sde_window_range if hp.sde_window_range is not None else (0, hp.num_steps)
+        generator = torch.Generator().manual_seed(derive_seed(batch.seed, SDE_WINDOW_KEY))
+        start = int(torch.randint(lo, hi - hp.sde_window_size + 1, (1,), generator=generator))
+        steps = torch.zeros(hp.num_steps, dtype=torch.bool)
+        steps[start : start + hp.sde_window_size] = True
+        return steps
+
     @torch.no_grad()
     def score(self, trajectory: Trajectory) -> Tensor:
         """Rewards ``[B]`` of sampled trajectories (batch-level rewards see all processes)."""
@@ -352,6 +411,7 @@ class DDPOModule(GenerationModule):
                 "train/skipped_epochs": float(self.skipped_epochs),
                 "train/skipped_steps": float(self.guard.skipped_steps),
                 "train/dropped_samples": float(dropped),
+                **{f"train/{key}": value for key, value in self.advantage_rule.statistics().items()},
                 **{key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]},
             }
         )
@@ -395,9 +455,18 @@ class DDPOModule(GenerationModule):
         order = torch.randperm(num_samples, generator=generator)
         trajectory, advantages = trajectory.select(order), advantages[order.to(advantages.device)]
         weights = weights[order] if weights is not None else None
-        # Each sample gets its own random order of timesteps (as in ddpo-pytorch).
-        step_order = torch.argsort(torch.rand(num_samples, num_steps, generator=generator), dim=1)
-        train_steps = max(1, math.ceil(num_steps * hp.timestep_fraction))
+        # Each sample gets its own random order of timesteps (as in ddpo-pytorch); deterministic
+        # steps (outside an SDE window) sort last and are never trained on.
+        scores = torch.rand(num_samples, num_steps, generator=generator)
+        stochastic = trajectory.stochastic_mask().cpu()
+        counts = stochastic.sum(dim=1)
+        if int(counts.min()) != int(counts.max()) or int(counts.min()) == 0:
+            raise ValueError(
+                f"the epoch's trajectories have {sorted(set(counts.tolist()))} stochastic steps each; DDPO needs "
+                "the same positive number in every trajectory (one sde_window_size for the run)"
+            )
+        step_order = torch.argsort(torch.where(stochastic, scores, 2.0), dim=1)
+        train_steps = max(1, math.ceil(int(counts[0]) * hp.timestep_fraction))
         batches = list(range(0, num_samples, hp.train_batch_size))
         optimizer = self.optimizers()
         totals: dict[str, list[Tensor]] = {}
@@ -509,7 +578,8 @@ class DDPOModule(GenerationModule):
         prompts = list(dict.fromkeys(trajectory.prompts[:16]))
         shown = "; ".join(f'"{p}"' for p in prompts[:3]) + (f" and {len(prompts) - 3} more" if len(prompts) > 3 else "")
         caption = (
-            f"DDPO epoch {self.current_epoch}: {len(images)} samples, mean reward {float(rewards.nanmean()):+.4f}"
+            f"{self.algorithm_name} epoch {self.current_epoch}: {len(images)} samples, "
+            f"mean reward {float(rewards.nanmean()):+.4f}"
             f"\n{shown}"
         )
         save_captioned_grid(images, path, caption)

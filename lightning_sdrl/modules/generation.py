@@ -44,26 +44,42 @@ class GenerationModule(pl.LightningModule):
             self.policy.save_trained(directory)
         return directory
 
+    def sde_steps(self, batch: PromptBatch) -> Tensor | None:
+        """``[T]`` bool: the steps of ``batch``'s training samples drawn stochastically (``None``: all)."""
+        return None
+
     @torch.no_grad()
-    def sample(self, batch: PromptBatch) -> Trajectory:
-        """Sample trajectories for a prompt batch with its seed (policy in eval mode)."""
+    def sample(self, batch: PromptBatch, validation: bool = False) -> Trajectory:
+        """Sample trajectories for a prompt batch with its seed (policy in eval mode).
+
+        Validation samples use ``val_num_steps`` and ``val_eta`` where the module has them (and
+        they are set), e.g. few steps for training and more for evaluation (Flow-GRPO).
+        """
+        hp = self.hparams
+        num_steps, eta, sde_steps = hp.num_steps, hp.eta, None
+        if validation:
+            num_steps = hp.get("val_num_steps") or num_steps
+            eta = eta if hp.get("val_eta") is None else hp.get("val_eta")
+        else:
+            sde_steps = self.sde_steps(batch)
         was_training = self.policy.training
         self.policy.eval()
         trajectory = self.policy.sample(
             batch.prompts,
-            num_steps=self.hparams.num_steps,
-            eta=self.hparams.eta,
-            guidance_scale=self.hparams.guidance_scale,
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=hp.guidance_scale,
             generator=torch.Generator(self.policy.device).manual_seed(batch.seed),
             prompt_ids=batch.prompt_ids,
-            keep_means=self.keep_step_means,
+            keep_means=self.keep_step_means and not validation,
+            sde_steps=sde_steps,
         )
         self.policy.train(was_training)
         return trajectory
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Sample with fixed seeds; log the mean reward and update the evaluation metrics."""
-        trajectory = self.sample(batch)
+        trajectory = self.sample(batch, validation=True)
         with torch.no_grad():
             rewards = self.reward(trajectory.images, trajectory.prompts)
         rewards = check_reward_output(rewards, len(batch), type(self.reward).__name__)

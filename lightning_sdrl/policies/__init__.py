@@ -3,6 +3,7 @@
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.policies.class_conditional import ClassConditionalPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.flow_kernels import FlowSDEStep
 from lightning_sdrl.policies.kernels import DDIMStep, StepKernel
 from lightning_sdrl.policies.lora import LoRASettings
 from lightning_sdrl.policies.text_to_image import (
@@ -17,6 +18,7 @@ __all__ = [
     "Conditioning",
     "DDIMStep",
     "DiffusionPolicy",
+    "FlowSDEStep",
     "LoRASettings",
     "RandomTextToImagePolicy",
     "StableDiffusionPolicy",

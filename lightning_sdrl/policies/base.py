@@ -51,6 +51,9 @@ class Trajectory:
         images: ``[B, 3, H, W]`` decoded final samples in ``[0, 1]``.
         means: ``[B, T, C, H, W]`` mean of each step's Gaussian under the sampling policy, kept
             only when asked for (an exact KL trust region needs it).
+        stochastic: ``[B, T]`` bool, which steps were sampled from their Gaussian (the others ran
+            deterministically, e.g. the ODE outside Flow-GRPO-Fast's SDE window: their log-prob is
+            stored as 0 and they must not be trained on). ``None``: every step is stochastic.
     """
 
     latents: Tensor
@@ -61,6 +64,7 @@ class Trajectory:
     prompts: list[str]
     images: Tensor
     means: Tensor | None = None
+    stochastic: Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -69,6 +73,12 @@ class Trajectory:
     def num_steps(self) -> int:
         """Number of denoising steps ``T``."""
         return self.timesteps.shape[1]
+
+    def stochastic_mask(self) -> Tensor:
+        """``[B, T]`` bool: the steps with a log-prob (all of them when :attr:`stochastic` is ``None``)."""
+        if self.stochastic is None:
+            return torch.ones(self.timesteps.shape, dtype=torch.bool, device=self.timesteps.device)
+        return self.stochastic
 
     def select(self, index: Tensor) -> Trajectory:
         """The trajectories at ``index`` (a ``[N]`` long tensor), in that order."""
@@ -107,16 +117,19 @@ class Trajectory:
 class DiffusionPolicy(nn.Module, abc.ABC):
     """A conditional diffusion model sampled with a stochastic step kernel, whose step log-probs can be recomputed.
 
-    Subclasses set ``self.unet`` (the trained denoiser) and ``self.kernel`` (a
-    :class:`~.kernels.StepKernel`, e.g. ``DDIMStep(scheduler)``), and implement the abstract methods.
+    Subclasses set the trained denoiser as the attribute named by :attr:`denoiser_name`
+    (``self.unet`` by default; ``self.transformer`` for diffusion transformers) and ``self.kernel``
+    (a :class:`~.kernels.StepKernel`, e.g. ``DDIMStep(scheduler)``), and implement the abstract
+    methods.
 
     Args:
         lora: LoRA settings for the denoiser; ``None`` fine-tunes all its weights.
         gradient_checkpointing: recompute denoiser activations in the backward pass.
     """
 
-    unet: nn.Module
     kernel: StepKernel
+    denoiser_name: str = "unet"
+    """Attribute, pipeline component and ``save_trained`` subfolder of the denoiser (also the LoRA keys' prefix)."""
 
     def __init__(self, lora: LoRASettings | None = None, gradient_checkpointing: bool = False) -> None:
         super().__init__()
@@ -147,6 +160,11 @@ class DiffusionPolicy(nn.Module, abc.ABC):
 
     # ----------------------------------------------------------------- shared machinery
     @property
+    def denoiser(self) -> nn.Module:
+        """The trained denoiser (``self.unet``, or the attribute :attr:`denoiser_name` names)."""
+        return getattr(self, self.denoiser_name)
+
+    @property
     def scheduler(self) -> object:
         """The kernel's diffusers scheduler (the noise schedule)."""
         return self.kernel.scheduler
@@ -155,11 +173,11 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """Freeze everything, then make the denoiser (or its LoRA layers) trainable."""
         self.requires_grad_(False)
         if self.lora is not None:
-            self.lora.apply(self.unet)
+            self.lora.apply(self.denoiser)
         else:
-            self.unet.requires_grad_(True)
+            self.denoiser.requires_grad_(True)
         if self.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser updates."""
@@ -168,12 +186,12 @@ class DiffusionPolicy(nn.Module, abc.ABC):
     @property
     def device(self) -> torch.device:
         """Device of the denoiser."""
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         """Parameter dtype of the denoiser."""
-        return next(self.unet.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
 
     def guided_prediction(
         self, sample: Tensor, timesteps: Tensor, conditions: Conditioning, guidance_scale: float
@@ -210,34 +228,51 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         generator: torch.Generator | None = None,
         prompt_ids: Tensor | None = None,
         keep_means: bool = False,
+        sde_steps: Tensor | None = None,
     ) -> Trajectory:
         """Sample one trajectory per prompt, keeping every latent and step log-prob.
 
         Args:
             prompts: ``B`` prompts (or class names for class-conditional policies).
             num_steps: sampling steps ``T``.
-            eta: the kernel's noise weight (DDIM's ``eta`` in ``(0, 1]``).
+            eta: the kernel's noise weight (DDIM's ``eta`` in ``(0, 1]``, a flow SDE's noise
+                level); ``0`` runs every step deterministically (DDIM's ODE, the flow ODE).
             guidance_scale: classifier-free guidance weight (1 disables guidance).
             generator: random generator on the policy's device, for reproducible samples.
             prompt_ids: ``[B]`` ids of the prompts (default ``0..B-1``).
             keep_means: also keep each step's Gaussian mean (``Trajectory.means``).
+            sde_steps: ``[T]`` bool, the steps to sample stochastically; the others take the
+                kernel's deterministic step (``eta = 0``) and get no log-prob (Flow-GRPO-Fast's
+                SDE window). ``None``: every step. A step whose Gaussian has zero std (the last
+                step of CPS sampling) is deterministic too.
         """
         if not prompts:
             raise ValueError("prompts is empty; expected at least one prompt to sample")
         device = self.device
         timesteps = self.set_num_steps(num_steps)
+        if sde_steps is not None:
+            if tuple(sde_steps.shape) != (num_steps,):
+                raise ValueError(f"sde_steps has shape {list(sde_steps.shape)}; expected [{num_steps}] (one per step)")
+            sde_steps = sde_steps.cpu()
         conditions = self.encode_prompts(prompts)
         batch = len(prompts)
         x = randn_tensor((batch, *self.sample_shape), generator=generator, device=device, dtype=self.dtype)
-        latents, log_probs, means = [x], [], []
+        latents, log_probs, means, stochastic = [x], [], [], []
         both = self._guidance_conditions(conditions, guidance_scale)
         # The step math reads timesteps on the CPU (no device synchronisation per step).
-        for t, t_cpu in zip(timesteps, self.kernel.scheduler.timesteps, strict=True):
+        for j, (t, t_cpu) in enumerate(zip(timesteps, self.kernel.scheduler.timesteps, strict=True)):
             model_output = self._guided(x, t.expand(batch), both, guidance_scale)
-            dist = self.kernel.distribution(model_output, t_cpu, x, eta)
-            x, log_prob = sample_step(dist, x.dtype, generator)
+            noisy = eta > 0 and (sde_steps is None or bool(sde_steps[j]))
+            dist = self.kernel.distribution(model_output, t_cpu, x, eta if noisy else 0.0)
+            # std is a CPU scalar for a shared CPU timestep: this check costs no synchronisation
+            noisy = noisy and not (dist.std.device.type == "cpu" and bool((dist.std <= 0).any()))
+            if noisy:
+                x, log_prob = sample_step(dist, x.dtype, generator)
+            else:
+                x, log_prob = dist.mean.to(x.dtype), torch.zeros(batch, device=device, dtype=torch.float32)
             latents.append(x)
             log_probs.append(log_prob)
+            stochastic.append(noisy)
             if keep_means:
                 means.append(dist.mean)
         if prompt_ids is None:
@@ -251,6 +286,7 @@ class DiffusionPolicy(nn.Module, abc.ABC):
             prompts=list(prompts),
             images=self.decode(x),
             means=torch.stack(means, dim=1) if keep_means else None,
+            stochastic=torch.tensor(stochastic, device=device).unsqueeze(0).expand(batch, -1).clone(),
         )
 
     def run_steps(
@@ -324,24 +360,24 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         denoiser made at the first call is swapped in.
         """
         if self.lora is not None:
-            with lora_disabled(self.unet):
+            with lora_disabled(self.denoiser):
                 yield
             return
         if not hasattr(self, "_reference_unet"):
             raise RuntimeError("reference() under full fine-tuning needs keep_reference() to be called before training")
-        trained = self.unet
-        self.unet = self._reference_unet[0]
+        trained = self.denoiser
+        setattr(self, self.denoiser_name, self._reference_unet[0])
         try:
             yield
         finally:
-            self.unet = trained
+            setattr(self, self.denoiser_name, trained)
 
     def keep_reference(self) -> None:
         """Keep a frozen copy of the current denoiser for :meth:`reference` (full fine-tuning only)."""
         if self.lora is None and not hasattr(self, "_reference_unet"):
             import copy
 
-            frozen = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            frozen = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
             # A list hides the copy from state_dict() and from the optimiser.
             self._reference_unet = [frozen]
 
@@ -355,18 +391,19 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """Save what training changed, in diffusers format; :meth:`load_trained` reads it back.
 
         With LoRA, ``directory/pytorch_lora_weights.safetensors``: the adapter weights under
-        peft's names prefixed ``unet.``, with the ``LoraConfig`` (rank, alpha) as metadata
-        (:mod:`~lightning_sdrl.policies.lora`). Under full fine-tuning, ``directory/unet/``
-        written by the denoiser's ``save_pretrained``.
+        peft's names prefixed ``unet.`` (:attr:`denoiser_name`), with the ``LoraConfig`` (rank,
+        alpha) as metadata (:mod:`~lightning_sdrl.policies.lora`); the pipeline's
+        ``load_lora_weights`` reads it. Under full fine-tuning, ``directory/unet/`` (or
+        ``directory/transformer/``) written by the denoiser's ``save_pretrained``.
 
         Returns:
             ``directory``.
         """
         directory = Path(directory)
         if self.lora is None:
-            self.unet.save_pretrained(directory / "unet")
+            self.denoiser.save_pretrained(directory / self.denoiser_name)
         else:
-            save_lora_weights(self.unet, self.lora, directory)
+            save_lora_weights(self.denoiser, self.lora, directory, prefix=self.denoiser_name)
         return directory
 
     def load_trained(self, directory: str | Path) -> None:
@@ -390,35 +427,36 @@ class DiffusionPolicy(nn.Module, abc.ABC):
             raise FileNotFoundError(
                 f"trained-weights directory '{directory}' does not exist; pass the directory written by save_trained"
             )
-        has_lora, has_unet = (directory / LORA_WEIGHTS_FILE).is_file(), (directory / "unet").is_dir()
+        name = self.denoiser_name
+        has_lora, has_unet = (directory / LORA_WEIGHTS_FILE).is_file(), (directory / name).is_dir()
         if self.lora is not None:
             if has_unet and not has_lora:
                 raise FileNotFoundError(
-                    f"'{directory}' holds a fully fine-tuned denoiser (unet/) and no {LORA_WEIGHTS_FILE}; "
+                    f"'{directory}' holds a fully fine-tuned denoiser ({name}/) and no {LORA_WEIGHTS_FILE}; "
                     "build the policy with lora=None to load it"
                 )
-            load_lora_weights(self.unet, self.lora, directory)
+            load_lora_weights(self.denoiser, self.lora, directory, prefix=name)
         elif has_unet:
-            self._load_full_denoiser(directory / "unet")
+            self._load_full_denoiser(directory / name)
         elif has_lora:
-            _, metadata = read_lora_weights(directory / LORA_WEIGHTS_FILE)
+            _, metadata = read_lora_weights(directory / LORA_WEIGHTS_FILE, prefix=name)
             raise FileNotFoundError(
-                f"'{directory}' holds LoRA weights ({LORA_WEIGHTS_FILE}) and no unet/ subfolder, but this policy "
+                f"'{directory}' holds LoRA weights ({LORA_WEIGHTS_FILE}) and no {name}/ subfolder, but this policy "
                 f"has lora=None; build it with {settings_hint(metadata)} to load them"
             )
         else:
             raise FileNotFoundError(
-                f"'{directory}' has neither {LORA_WEIGHTS_FILE} nor a unet/ subfolder; pass the directory "
+                f"'{directory}' has neither {LORA_WEIGHTS_FILE} nor a {name}/ subfolder; pass the directory "
                 "written by save_trained"
             )
 
     def _load_full_denoiser(self, path: Path) -> None:
-        """Copy the weights of the denoiser saved at ``path`` into ``self.unet`` (all keys must match)."""
-        saved = load_component(type(self.unet), str(path.parent), path.name)
+        """Copy the weights of the denoiser saved at ``path`` into :attr:`denoiser` (all keys must match)."""
+        saved = load_component(type(self.denoiser), str(path.parent), path.name)
         try:
-            self.unet.load_state_dict(saved.state_dict(), strict=True)
+            self.denoiser.load_state_dict(saved.state_dict(), strict=True)
         except RuntimeError as error:
             raise ValueError(
-                f"the denoiser in '{path}' does not fit this policy's {type(self.unet).__name__} ({error}); "
+                f"the denoiser in '{path}' does not fit this policy's {type(self.denoiser).__name__} ({error}); "
                 "load it into a policy of the architecture that saved it"
             ) from error

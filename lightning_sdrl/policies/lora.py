@@ -1,10 +1,12 @@
 """LoRA adapters on a denoiser through peft, and their export in diffusers format.
 
 The one file format, for every ``target_modules``: ``pytorch_lora_weights.safetensors`` holding
-peft's adapter weights under peft's names, each prefixed ``unet.``
-(``unet.mid_block.resnets.0.time_emb_proj.lora_A.weight``), with the adapter's ``LoraConfig``
+peft's adapter weights under peft's names, each prefixed with the pipeline component the denoiser
+is (``unet.`` for Stable Diffusion 1.x, ``transformer.`` for SD3 and FLUX:
+``unet.mid_block.resnets.0.time_emb_proj.lora_A.weight``), with the adapter's ``LoraConfig``
 (rank, alpha, targets) as metadata. This is the layout diffusers itself writes and reads
-(``StableDiffusionPipeline.load_lora_weights``, ``unet.load_lora_adapter(..., prefix="unet")``).
+(``StableDiffusionPipeline.load_lora_weights``, ``StableDiffusion3Pipeline.load_lora_weights``,
+``unet.load_lora_adapter(..., prefix="unet")``).
 Converting the names to diffusers' older style is what not to do: that renames only attention
 projections, and a file mixing both styles is mis-loaded by diffusers, which guesses the style
 from the first key.
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -30,7 +32,12 @@ LORA_WEIGHTS_FILE = LORA_WEIGHT_NAME_SAFE
 """Name of the LoRA weights file in a ``save_trained`` directory (diffusers' default name)."""
 
 UNET_PREFIX = "unet"
-"""Prefix of every key of the LoRA file: the weights belong to the pipeline's ``unet``."""
+"""Prefix of every key of a UNet's LoRA file: the weights belong to the pipeline's ``unet``."""
+
+TRANSFORMER_PREFIX = "transformer"
+"""Prefix of every key of a diffusion transformer's LoRA file (SD3, FLUX: the pipeline's ``transformer``)."""
+
+_SAVERS = {UNET_PREFIX: StableDiffusionLoraLoaderMixin, TRANSFORMER_PREFIX: SD3LoraLoaderMixin}
 
 
 @dataclass
@@ -98,25 +105,37 @@ def lora_disabled(module: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(trainable[name])
 
 
-def save_lora_weights(unet: nn.Module, settings: LoRASettings, directory: str | Path) -> Path:
-    """Write ``unet``'s adapters to ``directory/pytorch_lora_weights.safetensors`` (the format above).
+def save_lora_weights(
+    unet: nn.Module, settings: LoRASettings, directory: str | Path, prefix: str = UNET_PREFIX
+) -> Path:
+    """Write a denoiser's adapters to ``directory/pytorch_lora_weights.safetensors`` (the format above).
+
+    Args:
+        unet: the denoiser carrying the adapters (a UNet, or a transformer with ``prefix="transformer"``).
+        settings: the settings the adapters were made from (stored as metadata).
+        directory: output directory.
+        prefix: the pipeline component the weights belong to: ``"unet"`` or ``"transformer"``.
 
     Returns:
         The path of the written file.
     """
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
+    if prefix not in _SAVERS:
+        raise ValueError(f"LoRA prefix={prefix!r}; expected one of {sorted(_SAVERS)}")
+    _SAVERS[prefix].save_lora_weights(
         directory,
-        unet_lora_layers=get_peft_model_state_dict(unet),
-        unet_lora_adapter_metadata=settings.config().to_dict(),
+        **{
+            f"{prefix}_lora_layers": get_peft_model_state_dict(unet),
+            f"{prefix}_lora_adapter_metadata": settings.config().to_dict(),
+        },
     )
     return Path(directory) / LORA_WEIGHTS_FILE
 
 
-def read_lora_weights(path: Path) -> tuple[dict[str, Tensor], dict | None]:
-    """The ``unet.`` weights of a LoRA file with the prefix removed, and its adapter metadata (if any).
+def read_lora_weights(path: Path, prefix: str = UNET_PREFIX) -> tuple[dict[str, Tensor], dict | None]:
+    """The ``prefix.`` weights of a LoRA file with the prefix removed, and its adapter metadata (if any).
 
     Raises:
-        ValueError: the file cannot be read, or has keys without the ``unet.`` prefix.
+        ValueError: the file cannot be read, or has keys without the ``prefix.`` prefix.
     """
     try:
         with safe_open(str(path), framework="pt") as file:
@@ -124,20 +143,18 @@ def read_lora_weights(path: Path) -> tuple[dict[str, Tensor], dict | None]:
             header = file.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise ValueError(f"could not read the LoRA file '{path}' ({error}); re-save it with save_trained") from error
-    foreign = sorted(key for key in tensors if not key.startswith(f"{UNET_PREFIX}."))
+    foreign = sorted(key for key in tensors if not key.startswith(f"{prefix}."))
     if foreign:
         raise ValueError(
-            f"LoRA file '{path}' has {len(foreign)} key(s) without the '{UNET_PREFIX}.' prefix (e.g. "
-            f"{foreign[0]!r}); expected UNet adapter weights as written by save_trained. Re-save the "
-            "adapter with save_trained"
+            f"LoRA file '{path}' has {len(foreign)} key(s) without the '{prefix}.' prefix (e.g. "
+            f"{foreign[0]!r}); expected {prefix} adapter weights as written by save_trained of this kind of "
+            "policy. Re-save the adapter with save_trained"
         )
-    weights = {key.removeprefix(f"{UNET_PREFIX}."): value for key, value in tensors.items()}
+    weights = {key.removeprefix(f"{prefix}."): value for key, value in tensors.items()}
     if LORA_ADAPTER_METADATA_KEY not in header:
         return weights, None
     packed = json.loads(header[LORA_ADAPTER_METADATA_KEY])
-    metadata = {
-        key.removeprefix(f"{UNET_PREFIX}."): v for key, v in packed.items() if key.startswith(f"{UNET_PREFIX}.")
-    }
+    metadata = {key.removeprefix(f"{prefix}."): v for key, v in packed.items() if key.startswith(f"{prefix}.")}
     return weights, metadata
 
 
@@ -149,7 +166,9 @@ def settings_hint(metadata: dict | None) -> str:
     return f"lora=LoRASettings(rank={metadata.get('r')}, alpha={metadata.get('lora_alpha')}, target_modules={targets})"
 
 
-def load_lora_weights(unet: nn.Module, settings: LoRASettings, directory: str | Path) -> None:
+def load_lora_weights(
+    unet: nn.Module, settings: LoRASettings, directory: str | Path, prefix: str = UNET_PREFIX
+) -> None:
     """Load the adapter weights written by :func:`save_lora_weights` into ``unet``'s adapters.
 
     ``unet`` must carry adapters made from ``settings`` (see :meth:`LoRASettings.apply`); the
@@ -165,7 +184,7 @@ def load_lora_weights(unet: nn.Module, settings: LoRASettings, directory: str | 
         raise FileNotFoundError(
             f"'{path}' does not exist; pass a directory written by save_trained of a policy with LoRA"
         )
-    weights, metadata = read_lora_weights(path)
+    weights, metadata = read_lora_weights(path, prefix)
     hint = settings_hint(metadata)
     rank, alpha = settings.rank, settings.alpha if settings.alpha is not None else settings.rank
     if metadata is not None and (metadata.get("r"), metadata.get("lora_alpha")) != (rank, alpha):
