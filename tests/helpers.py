@@ -89,6 +89,9 @@ class RecordUpdates(pl.Callback):
             "epoch": trainer.current_epoch,
             "sample_sums": info["images"].flatten(1).sum(1).tolist(),
             "advantages": info["advantages"].tolist(),
+            "rewards": info["rewards"].tolist(),
+            "prompt_ids": info["prompt_ids"].tolist(),
+            "local_prompts": list(info["prompts"]),
             "reward_seen": list(getattr(pl_module.reward, "seen", [])),
             "trainable_sum": sum(float(p.double().sum()) for p in pl_module.policy.trainable_parameters()),
         }

@@ -6,6 +6,13 @@ from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.flow_kernels import FlowSDEStep
 from lightning_sdrl.policies.kernels import DDIMStep, StepKernel
 from lightning_sdrl.policies.lora import LoRASettings
+from lightning_sdrl.policies.sd3 import (
+    FLOW_GRPO_LORA_TARGET_MODULES,
+    RandomStableDiffusion3Policy,
+    SD3Policy,
+    StableDiffusion3Policy,
+)
+from lightning_sdrl.policies.sd3_components import SD3Components
 from lightning_sdrl.policies.text_to_image import (
     RandomTextToImagePolicy,
     StableDiffusionPolicy,
@@ -14,13 +21,18 @@ from lightning_sdrl.policies.text_to_image import (
 )
 
 __all__ = [
+    "FLOW_GRPO_LORA_TARGET_MODULES",
     "ClassConditionalPolicy",
     "Conditioning",
     "DDIMStep",
     "DiffusionPolicy",
     "FlowSDEStep",
     "LoRASettings",
+    "RandomStableDiffusion3Policy",
     "RandomTextToImagePolicy",
+    "SD3Components",
+    "SD3Policy",
+    "StableDiffusion3Policy",
     "StableDiffusionPolicy",
     "StepKernel",
     "TextToImageComponents",

@@ -1,24 +1,39 @@
 """Randomly initialised model architectures built from configs.
 
-Tiny ones serve CPU tests; Stable Diffusion 1.5's serves benchmarks (no download: time does not
-depend on weight values).
+Tiny ones serve CPU tests; Stable Diffusion 1.5's and 3.5 Medium's serve benchmarks (no download:
+time does not depend on weight values). One registry, :data:`ARCHITECTURES`, holds them all; each
+entry says which components it builds (Stable Diffusion 1.x-style :class:`TextToImageComponents`
+or :class:`SD3Components`) and which policy class takes its name.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
 from lightning_sdrl.policies.components import TextToImageComponents
 from lightning_sdrl.policies.pixel import PixelTextToImageArchitecture, pixel_text_to_image_components
-from lightning_sdrl.policies.text_encoders import clip_text_encoder
-from lightning_sdrl.policies.tokenizers import char_clip_tokenizer, clip_tokenizer
+from lightning_sdrl.policies.sd3_components import SD3Components
+from lightning_sdrl.policies.text_encoders import clip_text_encoder, clip_text_encoder_with_projection, t5_encoder
+from lightning_sdrl.policies.tokenizers import char_clip_tokenizer, clip_tokenizer, unigram_t5_tokenizer
 
-ArchitectureName = Literal["tiny", "tiny-pixel", "sd15", "digits"]
+TextToImageArchitectureName = Literal["tiny", "tiny-pixel", "sd15", "digits"]
+"""The names of :data:`ARCHITECTURES` that build :class:`TextToImageComponents` (``RandomTextToImagePolicy``)."""
+SD3ArchitectureName = Literal["sd3-tiny", "sd35-medium"]
+"""The names of :data:`ARCHITECTURES` that build :class:`SD3Components` (``RandomStableDiffusion3Policy``)."""
+ArchitectureName = Literal[TextToImageArchitectureName, SD3ArchitectureName]
 """The names of :data:`ARCHITECTURES`."""
 
 
@@ -92,17 +107,123 @@ def _sd_style_components(architecture: str, seed: int) -> TextToImageComponents:
     )
 
 
+SD35_MEDIUM_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+"""``SD3Transformer2DModel`` config of ``stabilityai/stable-diffusion-3.5-medium`` (MMDiT-X: dual
+attention in layers 0..12, RMS QK-norm)."""
+
+SD3_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+"""``AutoencoderKL`` config of Stable Diffusion 3 / 3.5 (16 latent channels, no quant convs)."""
+
+
+def stable_diffusion_3_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Stable Diffusion 3's flow-matching schedule: 1000 training steps, time shift 3 (no dynamic shifting)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def _sd3_style_components(architecture: str, seed: int) -> SD3Components:
+    """``"sd3-tiny"`` or ``"sd35-medium"`` (see :data:`ARCHITECTURES`), seeded."""
+    torch.manual_seed(seed)
+    if architecture == "sd3-tiny":
+        tokenizer, tokenizer_2 = char_clip_tokenizer(max_length=16), char_clip_tokenizer(max_length=16, pad_token="!")
+        tokenizer_3 = unigram_t5_tokenizer()
+        # CLIP widths 8 + 16 < T5's 32, so the concatenated CLIP embeddings are zero-padded as in SD3
+        text_encoder = clip_text_encoder_with_projection(len(tokenizer), 8, 2, 2, 16, 16, projection_dim=8)
+        text_encoder_2 = clip_text_encoder_with_projection(len(tokenizer), 16, 2, 2, 32, 16, 16, "gelu")
+        text_encoder_3 = t5_encoder(len(tokenizer_3), d_model=32, d_ff=32, layers=2, heads=2, d_kv=8)
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=16,
+            pooled_projection_dim=8 + 16,
+            pos_embed_max_size=8,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        vae_config = {
+            **SD3_VAE,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "block_out_channels": (8, 16),
+            "layers_per_block": 1,
+            # one normalisation group: a random decoder with per-channel groups normalises away every
+            # image's mean, so brightness would hardly depend on the latents (measured: its std over
+            # random latents 0.0015); with one group the latent channels' means survive and shift it
+            "norm_num_groups": 1,
+            "sample_size": 16,
+            "scaling_factor": 1.5,
+            "shift_factor": 0.25,
+        }
+    else:
+        tokenizer, tokenizer_2 = clip_tokenizer(max_length=77), clip_tokenizer(max_length=77, pad_token="!")
+        tokenizer_3 = unigram_t5_tokenizer(max_length=512)
+        # CLIP ViT-L/14 and OpenCLIP bigG/14 text towers, T5 v1.1 XXL encoder
+        text_encoder = clip_text_encoder_with_projection(len(tokenizer), 768, 12, 12, 3072, 77, 768, "quick_gelu")
+        text_encoder_2 = clip_text_encoder_with_projection(len(tokenizer), 1280, 32, 20, 5120, 77, 1280, "gelu")
+        text_encoder_3 = t5_encoder(32128, d_model=4096, d_ff=10240, layers=24, heads=64, d_kv=64)
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+        vae_config = SD3_VAE
+    return SD3Components(
+        transformer=transformer,
+        vae=AutoencoderKL(**vae_config),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=stable_diffusion_3_scheduler(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
 @dataclass(frozen=True)
 class NamedArchitecture:
-    """One entry of :data:`ARCHITECTURES`: what it is and how to build it with random weights.
+    """One entry of :data:`ARCHITECTURES`: what it is, what it builds, and how, with random weights.
 
     Attributes:
         description: what the architecture is and what it is for.
         build: ``seed -> components`` (all weights drawn after ``torch.manual_seed(seed)``).
+        components: the class of what ``build`` returns.
+        policy: the policy class that takes this name (``RandomTextToImagePolicy(name)``).
     """
 
     description: str
-    build: Callable[[int], TextToImageComponents]
+    build: Callable[[int], Any]
+    components: type = TextToImageComponents
+    policy: str = "RandomTextToImagePolicy"
 
 
 ARCHITECTURES: dict[str, NamedArchitecture] = {
@@ -124,20 +245,77 @@ ARCHITECTURES: dict[str, NamedArchitecture] = {
         "the digits miniature's 16x16 pixel model (PixelTextToImageArchitecture defaults), untrained",
         lambda seed: pixel_text_to_image_components(PixelTextToImageArchitecture(), seed),
     ),
+    "sd3-tiny": NamedArchitecture(
+        "an MMDiT-X transformer (2 layers, 2 heads of 8, dual attention in layer 0, RMS QK-norm) on 16x8x8 "
+        "latents, a 2-block 16-channel VAE with one normalisation group, scaling 1.5 and shift 0.25 (16x16 "
+        "images), two 2-layer CLIPs "
+        "with projection (widths 8, 16) over a character-level tokenizer, a 2-layer width-32 T5 encoder over a "
+        "small unigram tokenizer, shift-3 flow matching; CPU tests",
+        lambda seed: _sd3_style_components("sd3-tiny", seed),
+        SD3Components,
+        "RandomStableDiffusion3Policy",
+    ),
+    "sd35-medium": NamedArchitecture(
+        "Stable Diffusion 3.5 Medium's exact MMDiT-X transformer, VAE (1024x1024 images), CLIP-L/14 and OpenCLIP "
+        "bigG/14 text towers with the real CLIP tokenizer and T5 v1.1 XXL encoder (over the small unigram "
+        "tokenizer: the real SentencePiece vocabulary is not available offline); benchmarks",
+        lambda seed: _sd3_style_components("sd35-medium", seed),
+        SD3Components,
+        "RandomStableDiffusion3Policy",
+    ),
 }
-"""Every named text-to-image architecture, by the names :data:`ArchitectureName` allows."""
+"""Every named architecture, by the names :data:`ArchitectureName` allows."""
+
+
+def _entry(architecture: str, components: type, caller: str) -> NamedArchitecture:
+    """The registry entry ``architecture``, which must build ``components`` (else a clear error for ``caller``)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
+    entry = ARCHITECTURES[architecture]
+    if entry.components is not components:
+        fitting = sorted(name for name, other in ARCHITECTURES.items() if other.components is components)
+        raise ValueError(
+            f"architecture={architecture!r} builds {entry.components.__name__}, not {components.__name__}: "
+            f"use {entry.policy}({architecture!r}); {caller} takes one of {fitting}"
+        )
+    return entry
 
 
 def text_to_image_components(architecture: ArchitectureName = "tiny", seed: int = 0) -> TextToImageComponents:
-    """Randomly initialised components of a named architecture (:data:`ARCHITECTURES`).
+    """Randomly initialised components of a named Stable Diffusion 1.x-style architecture (:data:`ARCHITECTURES`).
 
     Example:
         >>> text_to_image_components("tiny-pixel").vae is None
         True
     """
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[architecture].build(seed)
+    return _entry(architecture, TextToImageComponents, "RandomTextToImagePolicy").build(seed)
+
+
+def sd3_components(
+    architecture: SD3ArchitectureName = "sd3-tiny",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> SD3Components:
+    """Randomly initialised components of a named Stable Diffusion 3 architecture (:data:`ARCHITECTURES`).
+
+    Args:
+        architecture: ``"sd3-tiny"`` or ``"sd35-medium"``.
+        seed: initialisation seed.
+        dtype: cast every network to it after building (e.g. ``torch.bfloat16``); ``None`` keeps float32.
+        device: build the networks there (``"cuda"`` initialises on the GPU; ``"meta"`` allocates
+            nothing, e.g. to count parameters).
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     components = sd3_components("sd35-medium")
+        >>> components.transformer.config.num_layers, components.vae.config.latent_channels
+        (24, 16)
+    """
+    entry = _entry(architecture, SD3Components, "RandomStableDiffusion3Policy")
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        components = entry.build(seed)
+    return components.to(dtype=dtype) if dtype is not None else components
 
 
 def tiny_class_conditional_unet(

@@ -9,7 +9,26 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import CLIPTokenizer
+import torch
+from transformers import CLIPTokenizer, T5TokenizerFast
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtype names a config may give (``torch_dtype: bfloat16``)."""
+
+
+def resolve_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a dtype or its name (``"bfloat16"``, ``"torch.bfloat16"``); ``None`` stays ``None``.
+
+    Example:
+        >>> resolve_dtype("bfloat16"), resolve_dtype(None)
+        (torch.bfloat16, None)
+    """
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype={value!r}; expected one of {sorted(TORCH_DTYPES)} (or null to keep it)")
+    return TORCH_DTYPES[name]
 
 
 def hub_offline() -> bool:
@@ -77,5 +96,25 @@ def load_clip_tokenizer(
             f"tokenizer in '{pretrained_model_name_or_path}/{subfolder}' has no vocabulary "
             f"({len(tokenizer)} tokens): its vocab/merges or tokenizer.json files are missing. "
             "Re-save it with tokenizer.save_pretrained(DIR)."
+        )
+    return tokenizer
+
+
+def load_t5_tokenizer(
+    pretrained_model_name_or_path: str, subfolder: str = "tokenizer_3", **kwargs: Any
+) -> T5TokenizerFast:
+    """Load a T5 tokenizer, refusing the empty tokenizer transformers returns for missing files.
+
+    Without its ``tokenizer.json`` (or ``spiece.model``), transformers 5 builds a T5 tokenizer
+    holding only the special tokens, the ``▁`` piece and the sentinel ``<extra_id_*>`` tokens,
+    which maps every word to ``<unk>``.
+    """
+    tokenizer = load_component(T5TokenizerFast, pretrained_model_name_or_path, subfolder, **kwargs)
+    pieces = len(tokenizer) - len(set(tokenizer.all_special_tokens))
+    if pieces <= 1:  # at most the "▁" piece: the vocabulary files were not found
+        raise OSError(
+            f"T5 tokenizer in '{pretrained_model_name_or_path}/{subfolder}' has no vocabulary "
+            f"({len(tokenizer)} tokens, special ones and '▁' only): its tokenizer.json or spiece.model file "
+            "is missing. Re-save it with tokenizer.save_pretrained(DIR)."
         )
     return tokenizer
