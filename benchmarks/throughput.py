@@ -1,12 +1,22 @@
-"""Sampling and DDPO training throughput, FLOP rate and peak memory.
+"""Sampling and RL training throughput, FLOP rate and peak memory: DDPO on SD1.5, GRPO on SD3.
 
 Compares, at equal settings, our sampler (which keeps every latent and step log-prob) with the
-stock ``StableDiffusionPipeline`` call on the same UNet/VAE/text encoder, and times a DDPO epoch
-(sampling + PPO updates over every timestep) through the real ``DDPOModule`` and a Lightning
-``Trainer``. Weights are random (time does not depend on their values), so nothing is downloaded.
+stock diffusers pipeline call on the same denoiser / VAE / text encoders, and times one RL epoch
+(sampling + PPO updates over every timestep) through the real LightningModule and a Lightning
+``Trainer``. Two model families:
 
-    python benchmarks/throughput.py                       # CPU: tiny components
-    python benchmarks/throughput.py --architecture sd15   # CUDA: SD1.5 architecture at 512x512
+- Stable Diffusion 1.x (``tiny``, ``sd15``): DDIM sampling vs ``StableDiffusionPipeline``, a
+  ``DDPOModule`` epoch, LoRA rank 4.
+- Stable Diffusion 3 (``sd3-tiny``, ``sd35-medium``): Flow-GRPO's SDE sampling vs
+  ``StableDiffusion3Pipeline`` (its Euler ODE), a ``GRPOModule`` epoch on one prompt whose group
+  is the whole batch, LoRA rank 32 / alpha 64 on Flow-GRPO's target modules.
+
+Weights are random (time does not depend on their values), so nothing is downloaded.
+
+    python benchmarks/throughput.py                              # CPU: tiny SD1.5-style components
+    python benchmarks/throughput.py --architecture sd15          # CUDA: SD1.5 architecture at 512x512
+    python benchmarks/throughput.py --architecture sd3-tiny      # CPU: tiny SD3 components
+    python benchmarks/throughput.py --architecture sd35-medium   # CUDA: SD3.5 Medium, bf16, 512x512
 
 Prints one table; figures are recorded in docs/benchmarks.md.
 """
@@ -14,18 +24,35 @@ Prints one table; figures are recorded in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
 from diffusers import StableDiffusionPipeline
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_sdrl.data.sampling import SamplingDataModule
 from lightning_sdrl.modules.ddpo import DDPOModule
+from lightning_sdrl.modules.grpo import GRPOModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
+from lightning_sdrl.policies.architectures import sd3_components
+from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
+from lightning_sdrl.policies.sd3 import FLOW_GRPO_LORA_TARGET_MODULES, SD3Policy
 from lightning_sdrl.rewards.simple import Brightness
+
+SD15_ARCHITECTURES = ("tiny", "sd15")
+SD3_ARCHITECTURES = ("sd3-tiny", "sd35-medium")
+DEFAULTS = {  # per family: sampling steps, guidance, eta / noise level (DDPO's and Flow-GRPO's)
+    "sd15": {"steps": 50, "guidance": 5.0, "eta": 1.0},
+    "sd3": {"steps": 10, "guidance": 4.5, "eta": 0.7},
+}
+SD3_LORA = LoRASettings(rank=32, alpha=64, target_modules=list(FLOW_GRPO_LORA_TARGET_MODULES))
+PROMPT = "a photo of a cat"
 
 
 def synchronize(device: torch.device) -> None:
@@ -46,44 +73,51 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
     return best, result
 
 
-def count_flops(fn) -> int:
+def profile(fn, device: torch.device) -> tuple[int, float]:
+    """FLOPs of one call (FlopCounterMode) and its peak CUDA memory in GiB (nan on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with FlopCounterMode(display=False) as counter:
         fn()
-    return counter.get_total_flops()
-
-
-def peak_memory(fn, device: torch.device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
     synchronize(device)
-    return torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return counter.get_total_flops(), peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architecture", default=None, help="tiny | sd15 (default: sd15 on CUDA, tiny on CPU)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--eta", type=float, default=1.0)
-    parser.add_argument("--train-batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    architecture = args.architecture or ("sd15" if device.type == "cuda" else "tiny")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+@dataclass
+class Setup:
+    """What one model family benchmarks: a policy, its stock pipeline call and its RL module.
 
-    policy = RandomTextToImagePolicy(architecture, lora=LoRASettings(rank=4)).to(device)
+    Attributes:
+        policy: the policy sampled and trained.
+        stock: the stock diffusers pipeline on the same modules, returning images (``output_type="pt"``).
+        stock_name: the pipeline's class name.
+        module: a fresh LightningModule (``DDPOModule`` or ``GRPOModule``) over ``policy``.
+        group_size: the data module's ``group_size`` (1: DDPO's independent prompts).
+        header: the settings that describe the run, for the table's title.
+        notes: lines printed under the table (parameter counts).
+    """
+
+    policy: DiffusionPolicy
+    stock: Callable[[], Tensor]
+    stock_name: str
+    module: Callable[[], DDPOModule]
+    group_size: int
+    header: str
+    notes: list[str]
+
+
+def sd15_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Setup:
+    """DDPO on a Stable Diffusion 1.x architecture (UNet in float32 under autocast, as DDPO trains)."""
+    if args.resolution is not None or args.no_t5:
+        raise ValueError(
+            f"--resolution / --no-t5 apply to {SD3_ARCHITECTURES} only; drop them for "
+            f"--architecture {args.architecture}"
+        )
+    policy = RandomTextToImagePolicy(args.architecture, lora=LoRASettings(rank=4)).to(device)
     for module in (policy.text_encoder, policy.vae):
         module.to(dtype)
-    prompts = ["a photo of a cat"] * args.batch
-    settings = dict(num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance)
     pipe = StableDiffusionPipeline(
         vae=policy.vae,
         text_encoder=policy.text_encoder,
@@ -95,93 +129,195 @@ def main() -> None:
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    def ours():
-        with autocast:
-            return policy.sample(prompts, generator=torch.Generator(device).manual_seed(0), **settings)
+    def stock() -> Tensor:
+        return pipe(
+            [PROMPT] * args.batch,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            eta=args.eta,
+            output_type="pt",
+            generator=torch.Generator(device).manual_seed(0),
+        ).images
 
-    def stock():
-        with autocast, torch.no_grad():
-            return pipe(
-                prompts,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                eta=args.eta,
-                output_type="pt",
-                generator=torch.Generator(device).manual_seed(0),
-            ).images
-
-    t_ours, trajectory = timed(ours, device, args.repeats)
-    t_stock, _ = timed(stock, device, args.repeats)
-    flops_sample = count_flops(ours)
-
-    precision = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[dtype]
-
-    def ddpo_epoch() -> None:
-        module = DDPOModule(
+    def module() -> DDPOModule:
+        return DDPOModule(
             policy,
             Brightness(),
+            num_steps=args.steps,
+            eta=args.eta,
+            guidance_scale=args.guidance,
             train_batch_size=args.train_batch,
             sample_grid_every_n_epochs=0,
             save_trained_on_end=False,
-            **settings,
         )
-        data = SamplingDataModule(prompts=prompts[:1], batch_size=args.batch, num_batches_per_epoch=1)
-        trainer = pl.Trainer(
-            accelerator=device.type,
-            devices=1,
-            max_epochs=1,
-            precision=precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
+
+    header = f"CFG {args.guidance}, eta {args.eta}, LoRA rank 4"
+    return Setup(policy, stock, type(pipe).__name__, module, 1, header, [])
+
+
+def sd3_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Setup:
+    """Flow-GRPO on a Stable Diffusion 3 architecture, built on ``device`` in ``dtype``, LoRA rank 32 / alpha 64."""
+    if args.architecture == "sd35-medium" and device.type != "cuda":
+        raise ValueError("--architecture sd35-medium needs a CUDA device; on CPU use --architecture sd3-tiny")
+    if args.batch < 2:
+        raise ValueError(f"--batch {args.batch}; GRPO needs a group of at least 2 samples (the batch is one group)")
+    resolution = args.resolution
+    if resolution is None and args.architecture == "sd35-medium":
+        resolution = 512  # Flow-GRPO trains SD3.5 Medium at 512x512 (its native size is 1024)
+    # The networks are initialised on the device, in the benchmark's dtype, as RandomStableDiffusion3Policy does.
+    components = sd3_components(args.architecture, seed=0, dtype=dtype, device=device)
+    if args.no_t5:  # SD3 without its T5 encoder: zero T5 embeddings, as the pipeline with text_encoder_3=None
+        components = dataclasses.replace(components, text_encoder_3=None, tokenizer_3=None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    policy = SD3Policy(components, lora=SD3_LORA, height=resolution, width=resolution)
+    pipe = policy.components().pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def stock() -> Tensor:
+        return pipe(
+            [PROMPT] * args.batch,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=policy.height,
+            width=policy.width,
+            max_sequence_length=policy.max_sequence_length,
+            output_type="pt",
+            generator=torch.Generator(device).manual_seed(0),
+        ).images
+
+    def module() -> GRPOModule:
+        return GRPOModule(
+            policy,
+            Brightness(),
+            num_steps=args.steps,
+            noise_level=args.eta,
+            guidance_scale=args.guidance,
+            train_batch_size=args.train_batch,
+            sample_grid_every_n_epochs=0,
+            save_trained_on_end=False,
         )
-        trainer.fit(module, data)
 
-    t_epoch, _ = timed(ddpo_epoch, device, 1)
-    t_train = max(t_epoch - t_ours, 1e-9)
+    base = sum(p.numel() for name, p in policy.transformer.named_parameters() if "lora_" not in name)
+    lora = sum(p.numel() for p in policy.trainable_parameters())
+    header = (
+        f"{policy.height}x{policy.width}, CFG {args.guidance}, noise level {args.eta}, LoRA rank "
+        f"{SD3_LORA.rank} alpha {SD3_LORA.alpha:g}, T5 {'off' if args.no_t5 else 'on'}"
+    )
+    notes = [f"transformer parameters: {base:,} ({base / 1e9:.3g} B); trainable LoRA parameters: {lora:,}"]
+    return Setup(policy, stock, type(pipe).__name__, module, args.batch, header, notes)
 
-    def train_flops_fn() -> None:
-        rows = torch.arange(min(args.train_batch, len(trajectory)))
-        sub = trajectory.select(rows)
+
+def run_epoch(setup: Setup, args: argparse.Namespace, device: torch.device, precision: str) -> None:
+    """One RL epoch (one sampling batch of ``args.batch`` prompts, then the updates) with a Lightning Trainer."""
+    data = SamplingDataModule(
+        prompts=[PROMPT], batch_size=args.batch, num_batches_per_epoch=1, group_size=setup.group_size
+    )
+    trainer = pl.Trainer(
+        accelerator=device.type,
+        devices=1,
+        max_epochs=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(setup.module(), data)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--architecture",
+        default=None,
+        choices=SD15_ARCHITECTURES + SD3_ARCHITECTURES,
+        help="default: sd15 on CUDA, tiny on CPU",
+    )
+    parser.add_argument("--batch", type=int, default=16, help="images per sampling call (GRPO: one group)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: SD1.5 50, SD3 10)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: SD1.5 5.0, SD3 4.5)")
+    parser.add_argument(
+        "--eta", "--noise-level", dest="eta", type=float, default=None, help="DDIM eta / SDE noise level (1.0 / 0.7)"
+    )
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
+    parser.add_argument("--resolution", type=int, default=None, help="SD3 image side (default: sd35-medium 512)")
+    parser.add_argument("--no-t5", action="store_true", help="SD3 without the T5-XXL text encoder")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    args.architecture = args.architecture or ("sd15" if cuda else "tiny")
+    family = "sd3" if args.architecture in SD3_ARCHITECTURES else "sd15"
+    for key, value in DEFAULTS[family].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    sd3 = args.architecture in SD3_ARCHITECTURES
+    setup = (sd3_setup if sd3 else sd15_setup)(args, device, dtype)
+    policy = setup.policy
+    autocast: AbstractContextManager = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    )
+    precision = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[dtype]
+
+    def ours() -> Trajectory:
         with autocast:
-            log_prob, _ = policy.step_log_prob(sub, torch.zeros(len(sub), dtype=torch.long), args.eta, args.guidance)
-        log_prob.sum().backward()
+            return policy.sample(
+                [PROMPT] * args.batch,
+                num_steps=args.steps,
+                eta=args.eta,
+                guidance_scale=args.guidance,
+                generator=torch.Generator(device).manual_seed(0),
+            )
 
-    flops_train = count_flops(train_flops_fn) * args.steps * (args.batch / min(args.train_batch, args.batch))
-    policy.zero_grad(set_to_none=True)
+    def stock() -> Tensor:
+        with autocast, torch.no_grad():
+            return setup.stock()
 
-    mem_ours = peak_memory(ours, device)
-    mem_stock = peak_memory(stock, device)
-    mem_epoch = peak_memory(ddpo_epoch, device)
+    def epoch() -> None:
+        run_epoch(setup, args, device, precision)
 
+    t_ours, _ = timed(ours, device, args.repeats)
+    t_stock, _ = timed(stock, device, args.repeats)
+    t_epoch, _ = timed(epoch, device, 1)
+    t_train = max(t_epoch - t_ours, 1e-9)
+    flops_ours, mem_ours = profile(ours, device)
+    flops_stock, mem_stock = profile(stock, device)
+    flops_epoch, mem_epoch = profile(epoch, device)
+    flops_train = flops_epoch - flops_ours  # the epoch samples exactly one batch like ours
+
+    algorithm = "GRPO" if sd3 else "DDPO"
+    group = f", one prompt, group of {args.batch}" if setup.group_size > 1 else ""
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
-        f"\n## {architecture} on {name}, {dtype}, batch {args.batch}, {args.steps} steps, CFG {args.guidance}, "
-        f"eta {args.eta}, LoRA rank 4, torch {torch.__version__}\n"
+        f"\n## {args.architecture} on {name}, {dtype}, batch {args.batch}, {args.steps} steps, {setup.header}, "
+        f"torch {torch.__version__}\n"
     )
+    training = f"{algorithm} training (all {args.steps} steps, train batch {args.train_batch})"
+    rows = [
+        ("our sampler (latents + log-probs)", t_ours, flops_ours, mem_ours),
+        (f"stock {setup.stock_name}", t_stock, flops_stock, mem_stock),
+        (training, t_train, flops_train, mem_epoch),
+        (f"{algorithm} epoch (sample + train{group})", t_epoch, flops_epoch, mem_epoch),
+    ]
     print("| measurement | images/s | s per batch | TFLOP/s | peak GiB |")
     print("| --- | --- | --- | --- | --- |")
-    print(
-        f"| our sampler (latents + log-probs) | {args.batch / t_ours:.2f} | {t_ours:.2f} | "
-        f"{flops_sample / t_ours / 1e12:.1f} | {mem_ours:.2f} |"
-    )
-    print(
-        f"| stock StableDiffusionPipeline | {args.batch / t_stock:.2f} | {t_stock:.2f} | "
-        f"{flops_sample / t_stock / 1e12:.1f} | {mem_stock:.2f} |"
-    )
-    print(
-        f"| DDPO training (all {args.steps} steps, train batch {args.train_batch}) | "
-        f"{args.batch / t_train:.2f} | {t_train:.2f} | {flops_train / t_train / 1e12:.1f} | {mem_epoch:.2f} |"
-    )
-    print(
-        f"| DDPO epoch (sample + train) | {args.batch / t_epoch:.2f} | {t_epoch:.2f} | "
-        f"{(flops_sample + flops_train) / t_epoch / 1e12:.1f} | {mem_epoch:.2f} |"
-    )
+    for label, seconds, flops, memory in rows:
+        print(f"| {label} | {args.batch / seconds:.3g} | {seconds:.3g} | {flops / seconds / 1e12:.3g} | {memory:.2f} |")
+    for note in setup.notes:
+        print(f"\n{note}")
     print(f"\nour sampler / stock pipeline time: {t_ours / t_stock:.3f} (target <= 1.0)")
 
 

@@ -39,16 +39,33 @@ def trainer(tmp_path, epochs):
     )
 
 
+PROMPTS = ["a bright square", "a dark circle", "a red sun", "a blue sea"]
+
+
+def fixed_noise_brightness(policy, lora_on=True):
+    """Mean brightness of 64 samples from fixed noise (paired before/after: no sampling noise)."""
+    policy.eval()
+    generator = torch.Generator().manual_seed(1234)
+    settings = dict(num_steps=4, eta=0.7, guidance_scale=2.0, generator=generator)
+    with torch.no_grad():
+        if lora_on:
+            return float(policy.sample(PROMPTS * 16, **settings).images.mean())
+        with policy.reference():
+            return float(policy.sample(PROMPTS * 16, **settings).images.mean())
+
+
 def test_cli_grpo_on_tiny_sd3_raises_brightness_and_exports_a_pipeline_lora(tmp_path):
     cli = run_cli(["fit", "-c", TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     rewards = [float(r) for r in cli.model.reward_history]
-    assert len(rewards) == 6
-    # 16 images an epoch: the epoch mean's noise is about 0.001
-    assert np.mean(rewards[-2:]) > rewards[0] + 0.008, rewards
+    assert len(rewards) == 8
+    assert np.mean(rewards[-3:]) > rewards[0], rewards
+    # the same noise through the pretrained (LoRA off) and the trained policy: a paired comparison
+    before, after = fixed_noise_brightness(cli.model.policy, False), fixed_noise_brightness(cli.model.policy)
+    assert after > before + 0.0005, (before, after)
     logged = cli.trainer.logged_metrics
     for key in ("train/group_reward_std", "train/kl_reference", "train/clip_fraction", "train/reward_std"):
         assert torch.isfinite(logged[key]), key
-    assert (tmp_path / "samples" / "epoch_0005.png").is_file()
+    assert (tmp_path / "samples" / "epoch_0007.png").is_file()
     # the trained LoRA loads into the stock pipeline and gives the trained transformer's outputs
     policy = cli.model.policy.eval()
     pipe = RandomStableDiffusion3Policy("sd3-tiny", lora=None).components().pipeline()
@@ -163,3 +180,17 @@ def test_two_process_grpo_splits_a_group_across_ranks_and_both_compute_its_advan
         expected = numpy_group_advantages(ids, rank0["rewards"], 1e-4, False)
         np.testing.assert_allclose(rank0["advantages"], expected, rtol=1e-5, atol=1e-6)
         assert rank0["trainable_sum"] == rank1["trainable_sum"]
+
+
+def test_cps_last_step_is_deterministic_and_never_trained_on():
+    policy = RandomStableDiffusion3Policy("sd3-tiny", lora=LoRASettings(rank=4), sampler="cps").eval()
+    trajectory = policy.sample(["a", "b"], num_steps=4, eta=0.7, guidance_scale=1.0)
+    assert trajectory.stochastic[:, :3].all() and not trajectory.stochastic[:, 3].any()
+    assert torch.equal(trajectory.log_probs[:, 3], torch.zeros(2))
+    assert torch.isfinite(trajectory.log_probs).all()
+    # the CPS step to sigma = 0 lands on the predicted x0
+    policy.set_num_steps(4)
+    x, t = trajectory.latents[:, 3], trajectory.timesteps[0, 3]
+    with torch.no_grad():
+        v = policy.guided_prediction(x, t.expand(2), trajectory.conditions, 1.0)
+    torch.testing.assert_close(trajectory.latents[:, 4], x - t / 1000 * v, rtol=1e-5, atol=1e-5)
