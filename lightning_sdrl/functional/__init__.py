@@ -22,7 +22,13 @@ from lightning_sdrl.functional.flow_sde import (
     flow_sde_step_distribution,
     flow_sde_step_with_logprob,
 )
-from lightning_sdrl.functional.gaussian import StepDistribution, gaussian_kl_same_std, gaussian_log_prob, sample_step
+from lightning_sdrl.functional.gaussian import (
+    StepDistribution,
+    gaussian_kl_same_std,
+    gaussian_log_prob,
+    sample_step,
+    step_with_log_prob,
+)
 from lightning_sdrl.functional.image_rewards import jpeg_compressibility, jpeg_size_kb, mean_brightness
 from lightning_sdrl.functional.metrics import attribute_kl, fid_from_features, frechet_distance, precision_recall
 from lightning_sdrl.functional.ppo import PolicyLoss, clip_advantages, ppo_clip_loss, truly_ppo_loss
@@ -73,5 +79,6 @@ __all__ = [
     "sample_step",
     "select_subset",
     "shift_reward",
+    "step_with_log_prob",
     "truly_ppo_loss",
 ]

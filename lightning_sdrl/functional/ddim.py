@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-from lightning_sdrl.functional.gaussian import StepDistribution, gaussian_log_prob, sample_step
+from lightning_sdrl.functional.gaussian import StepDistribution, step_with_log_prob
 
 DDIMStepDistribution = StepDistribution
 """The Gaussian ``p(x_{t-1} | x_t)`` of one DDIM step (a :class:`StepDistribution`)."""
@@ -183,10 +183,4 @@ def ddim_step_with_logprob(
     if not 0.0 < eta <= 1.0:
         raise ValueError(f"eta={eta}; expected 0 < eta <= 1 (eta = 0 is deterministic DDIM: no density)")
     dist = ddim_step_distribution(scheduler, model_output, timestep, sample, eta)
-    if prev_sample is None:
-        return sample_step(dist, sample.dtype, generator)
-    if prev_sample.shape != sample.shape:
-        raise ValueError(
-            f"prev_sample has shape {list(prev_sample.shape)}; expected {list(sample.shape)} (the sample's)"
-        )
-    return prev_sample, gaussian_log_prob(prev_sample, dist.mean, dist.std)
+    return step_with_log_prob(dist, sample, prev_sample, generator)

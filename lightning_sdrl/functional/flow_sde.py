@@ -40,7 +40,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
-from lightning_sdrl.functional.gaussian import StepDistribution, gaussian_log_prob, sample_step
+from lightning_sdrl.functional.gaussian import StepDistribution, step_with_log_prob
 
 
 def _step_index(scheduler: FlowMatchEulerDiscreteScheduler, timestep: float | Tensor, sample: Tensor) -> Tensor:
@@ -209,13 +209,7 @@ def flow_sde_step_with_logprob(
             "which has no density: use flow_sde_step_distribution(...).mean)"
         )
     dist = flow_sde_step_distribution(scheduler, model_output, timestep, sample, noise_level)
-    if prev_sample is None:
-        return sample_step(dist, sample.dtype, generator)
-    if prev_sample.shape != sample.shape:
-        raise ValueError(
-            f"prev_sample has shape {list(prev_sample.shape)}; expected {list(sample.shape)} (the sample's)"
-        )
-    return prev_sample, gaussian_log_prob(prev_sample, dist.mean, dist.std)
+    return step_with_log_prob(dist, sample, prev_sample, generator)
 
 
 def cps_step_distribution(

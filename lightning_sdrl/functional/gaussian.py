@@ -65,6 +65,27 @@ def sample_step(
     return prev_sample, gaussian_log_prob(prev_sample, dist.mean, dist.std)
 
 
+def step_with_log_prob(
+    dist: StepDistribution,
+    sample: Tensor,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Take a step from ``sample`` (or score the given ``prev_sample``): ``(prev_sample, log_prob [B])``.
+
+    The tail of every ``*_step_with_logprob`` function: without ``prev_sample`` the step is drawn
+    with :func:`sample_step` (in ``sample``'s dtype); with it nothing is drawn and its log-density
+    under ``dist`` is returned (how a stored trajectory is re-scored).
+    """
+    if prev_sample is None:
+        return sample_step(dist, sample.dtype, generator)
+    if prev_sample.shape != sample.shape:
+        raise ValueError(
+            f"prev_sample has shape {list(prev_sample.shape)}; expected {list(sample.shape)} (the sample's)"
+        )
+    return prev_sample, gaussian_log_prob(prev_sample, dist.mean, dist.std)
+
+
 def gaussian_kl_same_std(mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor:
     """KL(p || q) of two isotropic Gaussians with one shared std, averaged over non-batch dims.
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -19,24 +18,11 @@ from lightning_sdrl.modules.refl import ReFLModule
 from lightning_sdrl.policies import LoRASettings, RandomStableDiffusion3Policy
 from lightning_sdrl.rewards.simple import Brightness
 from tests.helpers import lora_snapshot
+from tests.modules.test_ddpo import tiny_trainer
 from tests.modules.test_grpo import numpy_group_advantages
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny" / "grpo_sd3.yaml")
-
-
-def trainer(tmp_path, epochs):
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
 
 
 PROMPTS = ["a bright square", "a dark circle", "a red sun", "a blue sea"]
@@ -91,7 +77,7 @@ def test_ddpo_runs_on_tiny_sd3_and_changes_the_lora(tmp_path):
     module = DDPOModule(
         policy, Brightness(), num_steps=3, eta=0.7, guidance_scale=2.0, clip_range=0.5, sample_grid_every_n_epochs=0
     )
-    trainer(tmp_path, 2).fit(module, SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1))
+    tiny_trainer(tmp_path, 2).fit(module, SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1))
     after = lora_snapshot(policy)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
@@ -115,7 +101,7 @@ def test_refl_on_tiny_sd3_raises_brightness(tmp_path):
         kl_weight=0.01,
         save_trained_on_end=False,
     )
-    trainer(tmp_path, 4).fit(module, SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=4))
+    tiny_trainer(tmp_path, 4).fit(module, SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=4))
     rewards = [float(r) for r in module.reward_history]
     assert rewards[-1] > rewards[0] + 0.01, rewards
 
@@ -136,7 +122,7 @@ def test_grpo_with_an_sde_window_and_cps_on_tiny_sd3(tmp_path):
         )
         before = lora_snapshot(policy)
         data = SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1, group_size=2)
-        trainer(tmp_path / sampler, 1).fit(module, data)
+        tiny_trainer(tmp_path / sampler, 1).fit(module, data)
         assert any(not torch.equal(before[k], v) for k, v in lora_snapshot(policy).items())
         trajectory = module.sample(next(iter(data.train_dataloader())))
         assert trajectory.stochastic.sum(dim=1).eq(2).all()
