@@ -3,13 +3,17 @@
 :class:`AttributeTracker` follows what the debiasing experiments report (Fig. 5-9 of the debiasing
 paper, see docs/references.md): the share of each attribute among the generated images and the
 mean reward, per epoch, plus the shares of a fixed-noise set of images of the pretrained and of
-the fine-tuned model, with captioned grids of them.
+the fine-tuned model, with captioned grids of them. With ``per_prompt=True`` it also records the
+shares of every prompt on its own and plots one curve per prompt (``attributes_per_prompt.png``),
+so a run debiasing many prompts shows which prompt is still biased.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,11 @@ from torch import Tensor, nn
 
 from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.figures import save_captioned_grid, shares_caption
-from lightning_sdrl.rewards.attribute import BalanceReward, attribute_shares, group_probabilities
+from lightning_sdrl.functional.classifier_rewards import classify_with_threshold, joint_classes
+from lightning_sdrl.functional.metrics import attribute_kl
+from lightning_sdrl.rewards.attribute import BalanceReward, JointBalanceReward, class_shares, group_probabilities
+
+_NOT_FINITE = -2  # class of an image with a non-finite probability: neither a class nor "None"
 
 
 class AttributeTracker(pl.Callback):
@@ -45,6 +53,13 @@ class AttributeTracker(pl.Callback):
             noise from the epoch-to-epoch comparison, so "holds balance" is measured on the
             policy rather than on the luck of one batch.
         eval_seed: noise seed of those evaluation samples (device ``r`` uses ``eval_seed + r``).
+        per_prompt: also record the shares of each prompt's images of the epoch
+            (``prompt_shares``, by prompt) and, with ``eval_samples``, of ``eval_samples``
+            fixed-noise images of every prompt of the data (``prompt_eval_shares``); each prompt's
+            columns are its own (``BalanceReward(prompt_groups=...)``). ``attributes_per_prompt.png``
+            then shows one curve per prompt: the share of its last column among classified images
+            (``q`` of eq. 2 for two columns) and its KL divergence to the target, with the mean and
+            the worst prompt.
     """
 
     def __init__(
@@ -59,6 +74,7 @@ class AttributeTracker(pl.Callback):
         grid_seed: int = 1234,
         eval_samples: int = 0,
         eval_seed: int = 4321,
+        per_prompt: bool = False,
     ) -> None:
         if eval_samples < 0:
             raise ValueError(f"eval_samples={eval_samples}; expected 0 (off) or a positive number of images")
@@ -70,13 +86,18 @@ class AttributeTracker(pl.Callback):
         self.classifier, self.groups, self.names = classifier, groups, names
         self.threshold, self.prompt = threshold, prompt
         self.num_grid_images, self.summary_samples, self.grid_seed = num_grid_images, summary_samples, grid_seed
-        self.eval_samples, self.eval_seed = eval_samples, eval_seed
+        self.eval_samples, self.eval_seed, self.per_prompt = eval_samples, eval_seed, per_prompt
         self.history: list[dict[str, Any]] = []
         self.before: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ helpers
-    def attribute_probs(self, pl_module: pl.LightningModule, images: Tensor) -> Tensor:
-        """Attribute probabilities ``[B, G]`` of images, from our classifier or the reward's."""
+    def attribute_probs(
+        self, pl_module: pl.LightningModule, images: Tensor, prompts: Sequence[str] | None = None
+    ) -> Tensor:
+        """Attribute probabilities ``[B, G]`` of images, from our classifier or the reward's.
+
+        ``prompts`` are needed only by a reward with per-prompt groups (``prompt_groups``).
+        """
         if self.classifier is not None:
             self.classifier.to(images.device).eval()
             with torch.no_grad():
@@ -88,11 +109,38 @@ class AttributeTracker(pl.Callback):
                 "set AttributeTracker(classifier=...) or use ShiftReward / BalanceReward"
             )
         with torch.no_grad():
+            if getattr(reward, "prompt_groups", None):
+                return reward.attribute_probs(images, prompts)
             return reward.attribute_probs(images)
 
-    def column_names(self, pl_module: pl.LightningModule, num_columns: int) -> list[str]:
-        """Names of the attribute columns, then ``"None"``."""
-        names = self.names or getattr(pl_module.reward, "attribute_names", None)
+    def attribute_classes(
+        self, pl_module: pl.LightningModule, images: Tensor, prompts: Sequence[str] | None = None
+    ) -> tuple[Tensor, int]:
+        """Thresholded class of each image ``[B]`` and the number of columns.
+
+        ``-1`` is "None", ``-2`` an image with a non-finite probability. A
+        :class:`~lightning_sdrl.rewards.attribute.JointBalanceReward` (and no classifier of our
+        own) gives the joint classes of its attributes, "None" if any is unsure.
+        """
+        reward = pl_module.reward
+        if self.classifier is None and isinstance(reward, JointBalanceReward):
+            with torch.no_grad():
+                probs = reward.attribute_probs_list(images)
+            finite = torch.stack([torch.isfinite(p).all(dim=1) for p in probs]).all(dim=0)
+            classes, num_columns = joint_classes(probs, self.threshold), math.prod(p.shape[1] for p in probs)
+        else:
+            probs = self.attribute_probs(pl_module, images, prompts)
+            finite = torch.isfinite(probs).all(dim=1)
+            classes, num_columns = classify_with_threshold(probs, self.threshold), probs.shape[1]
+        return classes.masked_fill(~finite, _NOT_FINITE), num_columns
+
+    def column_names(self, pl_module: pl.LightningModule, num_columns: int, prompt: str | None = None) -> list[str]:
+        """Names of the attribute columns (of ``prompt``'s, with per-prompt groups), then ``"None"``."""
+        reward = pl_module.reward
+        names = self.names
+        if not names and prompt is not None and hasattr(reward, "prompt_attribute_names"):
+            names = reward.prompt_attribute_names(prompt)
+        names = names or getattr(reward, "attribute_names", None)
         if not names or len(names) != num_columns:
             names = [f"class {i}" for i in range(num_columns)]
         return [*names, "None"]
@@ -103,19 +151,54 @@ class AttributeTracker(pl.Callback):
     def _prompt_batch(self, trainer: pl.Trainer, size: int, seed: int) -> PromptBatch:
         return PromptBatch([self._prompt(trainer)] * size, torch.zeros(size, dtype=torch.long), seed=seed)
 
-    def _shares(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor) -> dict[str, float]:
+    def _gather_classes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor, prompts: Sequence[str]
+    ) -> tuple[Tensor, list[str], int]:
+        """Classes (:meth:`attribute_classes`) and prompts of the images of every device, in rank order."""
+        classes, num_columns = self.attribute_classes(pl_module, images, prompts)
+        classes = pl_module.all_gather(classes)
+        prompts = list(prompts)
+        if trainer.world_size > 1:
+            classes = classes.flatten(0, 1)
+            gathered: list[list[str]] = [[] for _ in range(trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, prompts)
+            prompts = sum(gathered, [])
+        not_finite = int((classes == _NOT_FINITE).sum())
+        if not_finite:
+            rank_zero_warn(f"AttributeTracker: {not_finite} of {len(classes)} images are not finite")
+        return classes, prompts, num_columns
+
+    def _named_shares(
+        self, pl_module: pl.LightningModule, classes: Tensor, num_columns: int, prompt: str | None = None
+    ) -> dict[str, float]:
+        """Shares of the finite images' classes, by column name (non-finite images left out)."""
+        shares = class_shares(classes[classes != _NOT_FINITE], num_columns)
+        return dict(zip(self.column_names(pl_module, num_columns, prompt), shares.tolist(), strict=True))
+
+    def _shares(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor, prompts: Sequence[str] | None = None
+    ) -> dict[str, float]:
         """Attribute shares of the finite images gathered from every device, by column name.
 
         Non-finite images (a diverged policy) are left out of the shares and reported on the
         console, never counted as "None".
         """
-        probs = pl_module.all_gather(self.attribute_probs(pl_module, images))
-        probs = probs.flatten(0, 1) if trainer.world_size > 1 else probs
-        finite = torch.isfinite(probs).all(dim=1)
-        if not bool(finite.all()):
-            rank_zero_warn(f"AttributeTracker: {int((~finite).sum())} of {len(probs)} images are not finite")
-        shares = attribute_shares(probs[finite], self.threshold)
-        return dict(zip(self.column_names(pl_module, len(shares) - 1), shares.tolist(), strict=True))
+        prompts = [self._prompt(trainer)] * len(images) if prompts is None else prompts
+        classes, _, num_columns = self._gather_classes(trainer, pl_module, images, prompts)
+        return self._named_shares(pl_module, classes, num_columns, prompts[0] if len(set(prompts)) == 1 else None)
+
+    def _prompt_shares(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor, prompts: Sequence[str]
+    ) -> dict[str, dict[str, float]]:
+        """Shares of each prompt's images (all devices), by prompt, in the data's prompt order."""
+        classes, prompts, num_columns = self._gather_classes(trainer, pl_module, images, prompts)
+        known = list(trainer.datamodule.prompts)
+        order = [p for p in known if p in prompts] + sorted(set(prompts) - set(known))
+        shares = {}
+        for prompt in order:
+            rows = torch.tensor([i for i, other in enumerate(prompts) if other == prompt], device=classes.device)
+            shares[prompt] = self._named_shares(pl_module, classes[rows], num_columns, prompt)
+        return shares
 
     def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, title: str) -> dict[str, float]:
         """Sample the fixed summary prompt/noise, save the captioned ``<name>.png``; returns its shares."""
@@ -164,15 +247,32 @@ class AttributeTracker(pl.Callback):
         record: dict[str, Any] = {
             "epoch": trainer.current_epoch,
             "reward_mean": float(update.rewards.float().nanmean()),
-            "shares": self._shares(trainer, pl_module, update.images),
+            "shares": self._shares(trainer, pl_module, update.images, update.prompts),
         }
         line = f"epoch {record['epoch']:3d} | reward {record['reward_mean']:+.4f} | {_format(record['shares'])}"
         if self.eval_samples:
             batch = self._prompt_batch(trainer, self.eval_samples, self.eval_seed + trainer.global_rank)
             record["eval_shares"] = self._shares(trainer, pl_module, pl_module.sample(batch).images)
             line += f" || fixed-noise eval: {_format(record['eval_shares'])}"
+        if self.per_prompt:
+            record["prompt_shares"] = self._prompt_shares(trainer, pl_module, update.images, update.prompts)
+            shown = "prompt_shares"
+            if self.eval_samples:
+                record["prompt_eval_shares"] = self._prompt_eval_shares(trainer, pl_module)
+                shown = "prompt_eval_shares"
+            for prompt, shares in record[shown].items():
+                line += f'\n    "{prompt}"{" (fixed noise)" if self.eval_samples else ""}: {_format(shares)}'
         self.history.append(record)
         rank_zero_info(line)
+
+    def _prompt_eval_shares(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
+        """Shares of ``eval_samples`` images of every prompt, from the same noise every epoch."""
+        shares = {}
+        for prompt in trainer.datamodule.prompts:
+            size, seed = self.eval_samples, self.eval_seed + trainer.global_rank
+            batch = PromptBatch([prompt] * size, torch.zeros(size, dtype=torch.long), seed=seed)
+            shares[prompt] = self._shares(trainer, pl_module, pl_module.sample(batch).images, batch.prompts)
+        return shares
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Shares and grid of the fine-tuned model (Fig. 9), the history as JSON and its plot (Fig. 8)."""
@@ -193,9 +293,14 @@ class AttributeTracker(pl.Callback):
         }
         (directory / "attributes.json").write_text(json.dumps(summary, indent=2))
         if self.history:
-            balance = isinstance(pl_module.reward, BalanceReward)
+            balance = isinstance(pl_module.reward, BalanceReward | JointBalanceReward)
             target = 100 / (len(self.history[0]["shares"]) - 1) if balance else None
             plot_history(self.history, directory / "attributes.png", prompt=self._prompt(trainer), target=target)
+        if self.history and "prompt_shares" in self.history[0]:
+            targets = getattr(pl_module.reward, "target_distribution", None)
+            plot_prompt_history(
+                self.history, directory / "attributes_per_prompt.png", None if targets is None else targets.tolist()
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The per-epoch history and the pretrained shares, kept in checkpoints for a resumed run."""
@@ -377,6 +482,73 @@ def plot_history(
     ax_share.legend(fontsize=8)
     ax_reward.plot(epochs, [r["reward_mean"] for r in history], marker="o", color="black")
     ax_reward.set(xlabel="epoch", ylabel="mean reward", title="reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def prompt_kl(shares: dict[str, float], target: Sequence[float] | None = None) -> float:
+    """KL divergence (nats) of one prompt's classified shares to the target, ``"None"`` left out.
+
+    Args:
+        shares: shares by column name (the last one ``"None"``), as in ``prompt_shares``.
+        target: target share of each column; ``None`` for uniform.
+
+    Returns:
+        ``KL(p || t)`` with ``p`` the shares of the classified images; ``nan`` if none is.
+
+    Example:
+        >>> round(prompt_kl({"0": 0.6, "6": 0.2, "None": 0.2}), 4)
+        0.1308
+    """
+    counts = torch.tensor([value for key, value in shares.items() if key != "None"], dtype=torch.float64)
+    if counts.sum() <= 0:
+        return float("nan")
+    return float(attribute_kl(counts, None if target is None else torch.tensor(target)))
+
+
+def plot_prompt_history(history: list[dict[str, Any]], path: Path, target: Sequence[float] | None = None) -> None:
+    """One curve per prompt against epoch: its last column's ratio and its KL to the target.
+
+    Uses the fixed-noise ``prompt_eval_shares`` when recorded, else the epoch's ``prompt_shares``.
+    Left: the share of each prompt's last column among its classified images (``q`` of eq. (2)
+    for two columns), with the target share dotted. Right: each prompt's KL divergence to the
+    target (:func:`prompt_kl`), the mean over prompts and the worst prompt, so a prompt that is
+    still biased stands out.
+
+    Args:
+        history: the per-epoch records of :class:`AttributeTracker` (``per_prompt=True``).
+        path: the PNG to write.
+        target: target share of each column; ``None`` for uniform.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "prompt_eval_shares" if "prompt_eval_shares" in history[0] else "prompt_shares"
+    epochs = [record["epoch"] for record in history]
+    prompts = list(history[0][key])
+    fig, (ax_ratio, ax_kl) = plt.subplots(1, 2, figsize=(11, 3.8))
+    kls = []
+    for index, prompt in enumerate(prompts):
+        columns = list(history[0][key][prompt])[:-1]
+        ratios = [100 * classified_ratio(record[key][prompt], columns[-1]) for record in history]
+        ax_ratio.plot(epochs, ratios, marker="o", color=f"C{index}", label=f'"{prompt}": {columns[-1]}')
+        kls.append([prompt_kl(record[key][prompt], target) for record in history])
+        ax_kl.plot(epochs, kls[-1], marker="o", color=f"C{index}", label=f'"{prompt}"')
+    num_columns = len(history[0][key][prompts[0]]) - 1
+    goal = 100 * (target[-1] if target is not None else 1 / num_columns)
+    ax_ratio.axhline(goal, color="grey", linestyle=":", linewidth=1, label=f"target ({goal:.0f}%)")
+    values = torch.tensor(kls, dtype=torch.float64)
+    ax_kl.plot(epochs, values.nanmean(dim=0).tolist(), color="black", linestyle="--", label="mean over prompts")
+    worst = torch.where(values.isnan(), -math.inf, values).amax(dim=0)
+    ax_kl.plot(epochs, worst.tolist(), color="black", linestyle=":", label="worst prompt")
+    noise = "fixed-noise samples" if key == "prompt_eval_shares" else "training samples"
+    ax_ratio.set(xlabel="epoch", ylabel="share among classified (%)", ylim=(-2, 102), title=f"per prompt ({noise})")
+    ax_kl.set(xlabel="epoch", ylabel="KL to target (nats)", title="attribute KL per prompt")
+    ax_ratio.legend(fontsize=7)
+    ax_kl.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -98,3 +98,74 @@ def test_classified_ratio_is_the_share_among_classified_images():
     assert classified_ratio(shares, "6+8+9") == pytest.approx(0.6 / 0.9)
     assert classified_ratio(shares, "0") == pytest.approx(0.3 / 0.9)
     assert classified_ratio({"0": 0.0, "6+8+9": 0.0, "None": 1.0}, "6+8+9") == 0.0
+
+
+def test_attribute_tracker_per_prompt_records_each_prompt_with_its_own_columns(tmp_path):
+    import torch
+    from scipy.stats import entropy
+
+    from lightning_sdrl.callbacks import prompt_kl
+    from lightning_sdrl.data.sampling import PromptBatch
+
+    prompts = ["a digit with a loop", "an even digit"]
+    groups = {prompts[0]: [[0], [6, 8, 9]], prompts[1]: [[2], [4]]}
+    reward = BalanceReward(
+        DigitsClassifier(), groups=groups[prompts[0]], threshold=0.3, per_prompt=True, prompt_groups=groups
+    )
+    module = DDPOModule(
+        RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
+        reward,
+        num_steps=2,
+        guidance_scale=1.0,
+        train_batch_size=4,
+        advantages=PerPromptAdvantages(min_count=4),
+        sample_grid_every_n_epochs=0,
+        save_trained_on_end=False,
+        optimizer=lambda p: torch.optim.SGD(p, lr=10.0),
+    )
+    tracker = AttributeTracker(num_grid_images=4, eval_samples=6, eval_seed=7, threshold=0.3, per_prompt=True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[tracker],
+    )
+    data = SamplingDataModule(prompts=prompts, batch_size=8, num_batches_per_epoch=1, group_size=4)
+    trainer.fit(module, data)
+    record = tracker.history[-1]
+    assert list(record["prompt_shares"]) == list(record["prompt_eval_shares"]) == prompts
+    assert set(record["prompt_eval_shares"][prompts[1]]) == {"2", "4", "None"}
+    assert set(record["prompt_eval_shares"][prompts[0]]) == {"0", "6+8+9", "None"}
+
+    def shares_by_hand(images, groups):
+        probs = DigitsClassifier()(images)
+        counts = [0] * (len(groups) + 1)
+        for row in probs.tolist():
+            columns = [sum(row[c] for c in group) for group in groups]
+            best = max(range(len(columns)), key=columns.__getitem__)
+            counts[best if columns[best] >= 0.3 else -1] += 1
+        return [c / len(images) for c in counts]
+
+    update = module.last_update
+    for prompt in prompts:
+        rows = [i for i, p in enumerate(update.prompts) if p == prompt]
+        assert len(rows) == 4
+        expected = shares_by_hand(update.images[rows], groups[prompt])
+        assert list(record["prompt_shares"][prompt].values()) == pytest.approx(expected)
+        # the final policy on the eval noise gives the last recorded per-prompt eval shares
+        batch = PromptBatch([prompt] * 6, torch.zeros(6, dtype=torch.long), seed=7)
+        expected = shares_by_hand(module.sample(batch).images, groups[prompt])
+        assert list(record["prompt_eval_shares"][prompt].values()) == pytest.approx(expected)
+    assert record["eval_shares"] == record["prompt_eval_shares"][prompts[0]]
+    assert (tmp_path / "attributes_per_prompt.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "attributes.json").read_text())
+    assert summary["history"][-1]["prompt_eval_shares"] == record["prompt_eval_shares"]
+    # the per-prompt KL of the plot: over the classified images, "None" left out
+    assert prompt_kl({"2": 0.5, "4": 0.1, "None": 0.4}) == pytest.approx(entropy([5, 1], [1, 1]))
+    assert prompt_kl({"2": 0.5, "4": 0.1, "None": 0.4}, [0.3, 0.7]) == pytest.approx(entropy([5, 1], [3, 7]))

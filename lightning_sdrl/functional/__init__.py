@@ -7,7 +7,14 @@ from lightning_sdrl.functional.advantages import (
     GroupRelativeAdvantages,
     PerPromptAdvantages,
 )
-from lightning_sdrl.functional.classifier_rewards import balance_reward, classify_with_threshold, shift_reward
+from lightning_sdrl.functional.classifier_rewards import (
+    balance_reward,
+    classify_with_threshold,
+    grouped_balance_reward,
+    joint_balance_reward,
+    joint_target,
+    shift_reward,
+)
 from lightning_sdrl.functional.ddim import DDIMStepDistribution, ddim_step_distribution, ddim_step_with_logprob
 from lightning_sdrl.functional.diversity import (
     gp_mi_reward,
@@ -63,6 +70,9 @@ __all__ = [
     "gaussian_kl_same_std",
     "gaussian_log_prob",
     "gp_mi_reward",
+    "grouped_balance_reward",
+    "joint_balance_reward",
+    "joint_target",
     "jpeg_compressibility",
     "jpeg_size_kb",
     "marginal_utility",

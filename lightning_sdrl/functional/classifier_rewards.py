@@ -1,16 +1,30 @@
-"""Rewards computed from an attribute classifier's probabilities.
+"""Rewards computed from attribute classifiers' probabilities.
 
-Section III-E of "Reinforcement learning from AI feedback for gender debiasing of diffusion
-models" (DDPO debiasing): ``R_shift`` (eq. 1) pushes every image towards an under-represented
-class; ``R_balance`` (eq. 2-3) rewards a batch for being balanced between the classes.
+Section III-E of the debiasing paper (docs/references.md): ``R_shift`` (eq. 1) pushes every image
+towards an under-represented class; ``R_balance`` (eq. 2-3) rewards a batch for being balanced
+between the classes. Section V leaves two extensions open, both here: balance *per prompt*
+(:func:`grouped_balance_reward`: eq. 2-3 within each prompt's images of a batch) and balance
+*jointly over several attributes* (:func:`joint_balance_reward`: eq. 2-3 over the joint classes of
+several classifiers, e.g. gender x age).
 """
 
-from collections.abc import Sequence
+import math
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["balance_reward", "check_groups", "classify_with_threshold", "group_probabilities", "shift_reward"]
+__all__ = [
+    "balance_reward",
+    "check_groups",
+    "classify_with_threshold",
+    "group_probabilities",
+    "grouped_balance_reward",
+    "joint_balance_reward",
+    "joint_classes",
+    "joint_target",
+    "shift_reward",
+]
 
 _NONE = -1  # class index of an image whose top probability is below the confidence threshold
 
@@ -150,18 +164,26 @@ def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None 
         tensor([0., nan, 0.])
     """
     _check_probs(probs)
-    num_classes = probs.shape[1]
-    shares_target = _target_distribution(target, num_classes, probs.device)
+    shares_target = _target_distribution(target, probs.shape[1], probs.device)
     # 1. threshold the classifier output: class(i) in {0, ..., K-1} or None (section III-C);
     #    a non-finite row is neither (NaN reward, not counted)
     finite = torch.isfinite(probs).all(dim=1)
     classes = classify_with_threshold(probs, threshold)
+    return _balance_of_classes(classes, finite, shares_target).to(probs.dtype)
+
+
+def _balance_of_classes(classes: Tensor, finite: Tensor, shares_target: Tensor) -> Tensor:
+    """Steps 2-4 of :func:`balance_reward` on thresholded classes ``[B]`` (``-1``: "None"), float64.
+
+    ``finite`` marks the rows that take part; the others get NaN and are not counted.
+    """
+    num_classes = len(shares_target)
     classified = (classes != _NONE) & finite
     if not classified.any():
         # eq. (2) with F_count + M_count = 0: q is undefined, and a batch with no classified image
         # is not balanced: the worst value, min over p of min_k r_k, reached at p_k = 1 for argmin t
         worst = (1.0 - 1.0 / shares_target.min()) / num_classes
-        return worst.expand(len(probs)).to(probs.dtype).masked_fill(~finite, float("nan"))
+        return worst.expand(len(classes)).masked_fill(~finite, float("nan"))
     # 2. shares of the classified images, eq. (2): q = F_count / (F_count + M_count) = p_1
     counts = torch.bincount(classes[classified], minlength=num_classes).to(torch.float64)
     shares = counts / counts.sum()
@@ -170,7 +192,204 @@ def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None 
     # 4. "None" never equals the indicator: it gets the reward of the most over-represented class
     none_reward = class_rewards.min()
     rewards = torch.where(classified, class_rewards[classes.clamp(min=0)], none_reward)
-    return rewards.to(probs.dtype).masked_fill(~finite, float("nan"))
+    return rewards.masked_fill(~finite, float("nan"))
+
+
+def _rows_by_key(keys: Sequence[Hashable] | None, batch_size: int, device: torch.device) -> list[Tensor]:
+    """Row indices of each distinct key, in order of first appearance (one group of all rows if ``None``)."""
+    if keys is None:
+        return [torch.arange(batch_size, device=device)]
+    keys = list(keys)
+    if len(keys) != batch_size:
+        raise ValueError(f"got {len(keys)} keys for {batch_size} images; expected one key (e.g. the prompt) per image")
+    rows: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        rows.setdefault(key, []).append(index)
+    return [torch.tensor(indices, device=device) for indices in rows.values()]
+
+
+def _balance_by_key(classes: Tensor, finite: Tensor, shares_target: Tensor, keys: Sequence[Hashable] | None) -> Tensor:
+    """:func:`_balance_of_classes` within each key's rows, float64 ``[B]``."""
+    rewards = torch.empty(len(classes), dtype=torch.float64, device=classes.device)
+    for rows in _rows_by_key(keys, len(classes), classes.device):
+        rewards[rows] = _balance_of_classes(classes[rows], finite[rows], shares_target)
+    return rewards
+
+
+def grouped_balance_reward(
+    probs: Tensor, keys: Sequence[Hashable], threshold: float = 0.7, target: Tensor | None = None
+) -> Tensor:
+    """``R_balance`` of eq. (2)-(3) within each group of images sharing a key (e.g. a prompt).
+
+    With ``P`` groups (one per distinct key) and ``n^g_k`` the classified images of group ``g``
+    in class ``k``, the shares are those of the group alone, ``p^g_k = n^g_k / sum_j n^g_j``,
+    and an image ``i`` of group ``g`` gets :func:`balance_reward` of its group's images::
+
+        r_i = (1 - p^g_{class(i)} / t_{class(i)}) / K        (class(i) != None)
+        r_i = min_k (1 - p^g_k / t_k) / K                    (class(i) = None)
+
+    (a group with no classified image gets the worst value ``(1 - 1 / min_k t_k) / K``). A batch
+    can be balanced as a whole while each prompt is not (one prompt all class 0, another all
+    class 1): the whole-batch reward is then 0 everywhere, this one is not. Each group's total
+    is ``-(n^g / K) chi2(p^g || t) + n^g_None min_k r^g_k`` (see :func:`balance_reward`), so the
+    sum over the batch is maximal exactly when every group matches the target.
+
+    Args:
+        probs: Classifier probabilities ``[B, K]``.
+        keys: ``B`` hashable group keys, e.g. each image's prompt.
+        threshold: Confidence level below which an image is "None" (0.7 in the paper).
+        target: Target class shares ``[K]`` of every group, positive and summing to 1; ``None``
+            for uniform.
+
+    Returns:
+        ``[B]`` rewards in ``probs.dtype`` (NaN for a non-finite row).
+
+    Raises:
+        ValueError: If an input is malformed or ``keys`` does not have one key per row.
+
+    Example:
+        >>> zero, one = [0.9, 0.1], [0.1, 0.9]
+        >>> probs = torch.tensor([zero, zero, zero, one, one, one, one, zero])
+        >>> balance_reward(probs)  # balanced as a whole
+        tensor([0., 0., 0., 0., 0., 0., 0., 0.])
+        >>> grouped_balance_reward(probs, ["a"] * 4 + ["b"] * 4)  # each prompt 3 : 1
+        tensor([-0.2500, -0.2500, -0.2500,  0.2500, -0.2500, -0.2500, -0.2500,  0.2500])
+    """
+    _check_probs(probs)
+    shares_target = _target_distribution(target, probs.shape[1], probs.device)
+    finite = torch.isfinite(probs).all(dim=1)
+    classes = classify_with_threshold(probs, threshold)
+    return _balance_by_key(classes, finite, shares_target, keys).to(probs.dtype)
+
+
+def joint_classes(probs: Sequence[Tensor], threshold: float = 0.7) -> Tensor:
+    """Joint class of each image under several attribute classifiers, ``-1`` ("None") if any is unsure.
+
+    Attribute ``a`` has ``K_a`` classes and thresholded class ``c_a`` (:func:`classify_with_threshold`);
+    the joint class is the row-major index ``c = sum_a c_a * prod_{b > a} K_b`` (the first
+    attribute varies slowest), in ``[0, prod_a K_a)``. An image is "None" as soon as one
+    attribute is "None".
+
+    Args:
+        probs: ``A >= 1`` tensors ``[B, K_a]`` of class probabilities, one per attribute.
+        threshold: Confidence level each attribute's top probability must reach.
+
+    Returns:
+        ``[B]`` long tensor of joint classes, ``-1`` for "None".
+
+    Raises:
+        ValueError: If ``probs`` is empty or the tensors are malformed or of different ``B``.
+
+    Example:
+        >>> digit = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.2, 0.8]])
+        >>> thickness = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]])
+        >>> joint_classes([digit, thickness])
+        tensor([ 1,  2, -1])
+    """
+    probs = _check_attribute_probs(probs)
+    classes = torch.zeros(len(probs[0]), dtype=torch.long, device=probs[0].device)
+    unsure = torch.zeros(len(probs[0]), dtype=torch.bool, device=probs[0].device)
+    for attribute in probs:
+        attribute_classes = classify_with_threshold(attribute, threshold)
+        unsure |= attribute_classes == _NONE
+        classes = classes * attribute.shape[1] + attribute_classes.clamp(min=0)
+    return classes.masked_fill(unsure, _NONE)
+
+
+def _check_attribute_probs(probs: Sequence[Tensor]) -> list[Tensor]:
+    probs = list(probs)
+    if not probs:
+        raise ValueError("probs is empty; expected one [B, K_a] tensor of probabilities per attribute")
+    for attribute in probs:
+        _check_probs(attribute)
+    sizes = [len(attribute) for attribute in probs]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"the attributes' probabilities have {sizes} rows; expected the same B images for each")
+    return probs
+
+
+def joint_target(marginals: Sequence[Tensor | Sequence[float] | None], num_classes: Sequence[int]) -> Tensor:
+    """Product of per-attribute target shares, the joint target of independent attributes.
+
+    ``t_c = prod_a t^a_{c_a}`` for the joint class ``c`` of :func:`joint_classes` (row-major,
+    first attribute slowest).
+
+    Args:
+        marginals: Per attribute ``[K_a]`` target shares (positive, summing to 1) or ``None``
+            for uniform.
+        num_classes: ``K_a`` of each attribute.
+
+    Returns:
+        ``[prod_a K_a]`` float64 joint shares.
+
+    Raises:
+        ValueError: If the lengths do not match or a marginal is malformed.
+
+    Example:
+        >>> joint_target([[0.5, 0.5], [0.2, 0.8]], [2, 2])
+        tensor([0.1000, 0.4000, 0.1000, 0.4000], dtype=torch.float64)
+    """
+    if len(marginals) != len(num_classes):
+        raise ValueError(
+            f"got {len(marginals)} marginals for {len(num_classes)} attributes; expected one (or None) per attribute"
+        )
+    joint = torch.ones(1, dtype=torch.float64)
+    for marginal, size in zip(marginals, num_classes, strict=True):
+        shares = _target_distribution(None if marginal is None else torch.as_tensor(marginal), size, joint.device)
+        joint = torch.outer(joint, shares).flatten()
+    return joint
+
+
+def joint_balance_reward(
+    probs: Sequence[Tensor],
+    threshold: float = 0.7,
+    target: Tensor | None = None,
+    keys: Sequence[Hashable] | None = None,
+) -> Tensor:
+    """``R_balance`` of eq. (2)-(3) over the joint classes of several attributes.
+
+    Each image's joint class ``c(i)`` is that of :func:`joint_classes` ("None" if any attribute
+    is below ``threshold``); over the ``K = prod_a K_a`` joint classes, with shares ``p_c`` of
+    the classified images (within each key's group when ``keys`` is given) and the joint target
+    ``t_c`` (:func:`joint_target`; by default the product of uniform marginals, ``1 / K``)::
+
+        r_i = (1 - p_{c(i)} / t_{c(i)}) / K                  (c(i) != None)
+        r_i = min_c (1 - p_c / t_c) / K                      (c(i) = None)
+
+    which is :func:`balance_reward` on the joint classes: for one attribute it is eq. (3), and
+    the batch total ``-(n / K) chi2(p || t) + n_None min_c r_c`` is maximal exactly at ``p = t``,
+    so balance of each marginal alone (all zeros bold, all loop digits thin) is not rewarded as
+    balance of the pairs. A row with a non-finite probability in any attribute gets NaN and is
+    not counted.
+
+    Args:
+        probs: ``A >= 1`` tensors ``[B, K_a]`` of class probabilities, one per attribute.
+        threshold: Confidence level of every attribute (0.7 in the paper).
+        target: ``[prod_a K_a]`` joint target shares, positive and summing to 1; ``None`` for uniform.
+        keys: ``B`` group keys (e.g. prompts) to balance each group on its own; ``None``: the batch.
+
+    Returns:
+        ``[B]`` rewards in the first attribute's dtype.
+
+    Raises:
+        ValueError: If an input is malformed.
+
+    Example:
+        >>> digit = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+        >>> thickness = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+        >>> joint_balance_reward([digit, thickness])  # each marginal 50/50, the pairs (0,0) (1,1) only
+        tensor([-0.2500, -0.2500, -0.2500, -0.2500])
+    """
+    probs = _check_attribute_probs(probs)
+    num_classes = [attribute.shape[1] for attribute in probs]
+    device = probs[0].device
+    if target is None:  # the product of uniform marginals
+        shares_target = joint_target([None] * len(probs), num_classes).to(device)
+    else:
+        shares_target = _target_distribution(target, math.prod(num_classes), device)
+    finite = torch.stack([torch.isfinite(attribute).all(dim=1) for attribute in probs]).all(dim=0)
+    classes = joint_classes(probs, threshold)
+    return _balance_by_key(classes, finite, shares_target, keys).to(probs[0].dtype)
 
 
 def check_groups(groups: Sequence[Sequence[int]], num_classes: int | None) -> list[list[int]]:

@@ -163,31 +163,40 @@ def attribute_kl(counts: Tensor, target: Tensor | None = None) -> Tensor:
     """KL divergence ``KL(p || target)`` of an attribute distribution, as ``scipy.stats.entropy``.
 
     ``counts`` (class counts or probabilities) and ``target`` are both normalised to sum to 1;
-    ``0 * log(0 / t) = 0`` and a class with ``p_k > 0 = t_k`` gives ``inf``.
+    ``0 * log(0 / t) = 0`` and a class with ``p_k > 0 = t_k`` gives ``inf``. Given counts
+    ``[P, K]`` (one row per prompt), each row is a distribution of its own and the result is
+    the ``[P]`` KL divergences of the prompts (average them for the mean over prompts).
 
     Args:
-        counts: ``[K]`` non-negative class counts or probabilities, not all zero.
-        target: ``[K]`` non-negative target distribution; ``None`` for uniform.
+        counts: ``[K]`` (or ``[P, K]``) non-negative class counts or probabilities, no row all zero.
+        target: ``[K]`` non-negative target distribution (of every row); ``None`` for uniform.
 
     Returns:
-        Scalar float64 KL divergence in nats.
+        Scalar (or ``[P]``) float64 KL divergence in nats.
 
     Raises:
-        ValueError: If a vector is not ``[K]``, has negative entries, or sums to 0.
+        ValueError: If ``counts`` is not ``[K]`` or ``[P, K]``, ``target`` not ``[K]``, or a
+            vector has negative entries or sums to 0.
 
     Example:
         >>> attribute_kl(torch.tensor([3, 1]))
         tensor(0.1308, dtype=torch.float64)
+        >>> attribute_kl(torch.tensor([[3, 1], [2, 2]]))  # two prompts
+        tensor([0.1308, 0.0000], dtype=torch.float64)
     """
     counts = torch.as_tensor(counts).double()
-    if counts.ndim != 1:
-        raise ValueError(f"counts has shape {list(counts.shape)}; expected [K]")
+    if counts.ndim not in (1, 2):
+        raise ValueError(f"counts has shape {list(counts.shape)}; expected [K] (or [P, K], one row per prompt)")
     if target is None:
-        target = torch.ones_like(counts)
+        target = torch.ones(counts.shape[-1], dtype=torch.float64, device=counts.device)
     target = torch.as_tensor(target, device=counts.device).double()
     for name, value in (("counts", counts), ("target", target)):
-        if value.shape != counts.shape or (value < 0).any() or value.sum() <= 0:
-            raise ValueError(f"{name}={value.tolist()}; expected {counts.numel()} non-negative values, not all zero")
-    p = counts / counts.sum()
+        if value.shape[-1:] != counts.shape[-1:] or (value < 0).any() or (value.sum(dim=-1) <= 0).any():
+            raise ValueError(
+                f"{name}={value.tolist()}; expected {counts.shape[-1]} non-negative values (per row), not all zero"
+            )
+    if target.ndim != 1:
+        raise ValueError(f"target has shape {list(target.shape)}; expected [{counts.shape[-1]}]")
+    p = counts / counts.sum(dim=-1, keepdim=True)
     t = target / target.sum()
-    return torch.xlogy(p, p).sum() - torch.xlogy(p, t).sum()
+    return torch.xlogy(p, p).sum(dim=-1) - torch.xlogy(p, t).sum(dim=-1)

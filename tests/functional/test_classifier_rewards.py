@@ -6,6 +6,10 @@ import torch
 from lightning_sdrl.functional.classifier_rewards import (
     balance_reward,
     classify_with_threshold,
+    grouped_balance_reward,
+    joint_balance_reward,
+    joint_classes,
+    joint_target,
     shift_reward,
 )
 
@@ -188,3 +192,123 @@ def test_balance_reward_gives_non_finite_rows_nan_and_leaves_them_out():
     torch.testing.assert_close(
         balance_reward(torch.tensor([UNSURE, [nan, nan]])), torch.tensor([-0.5, nan]), equal_nan=True
     )
+
+
+# ---------------------------------------------------------------- per-prompt balance (section V)
+def balance_by_hand(labels: list, num_classes: int, target: list[float] | None = None) -> list[float]:
+    """Eq. (2)-(3) generalised, written out with Python counts: labels are class indices or None."""
+    target = target or [1.0 / num_classes] * num_classes
+    classified = [c for c in labels if c is not None]
+    if not classified:
+        return [(1 - 1 / min(target)) / num_classes] * len(labels)
+    shares = [classified.count(k) / len(classified) for k in range(num_classes)]
+    per_class = [(1 - shares[k] / target[k]) / num_classes for k in range(num_classes)]
+    return [per_class[c] if c is not None else min(per_class) for c in labels]
+
+
+def threshold_by_hand(row: list[float], threshold: float = 0.7):
+    best = max(range(len(row)), key=lambda k: row[k])
+    return best if row[best] >= threshold else None
+
+
+def test_grouped_balance_on_a_batch_balanced_as_a_whole_but_not_per_prompt():
+    # prompt "a" is 3 male : 1 female, prompt "b" 1 male : 3 female: the batch is 4 : 4
+    batch = [MALE, MALE, MALE, FEMALE, FEMALE, FEMALE, FEMALE, MALE]
+    keys = ["a"] * 4 + ["b"] * 4
+    probs = torch.tensor(batch, dtype=torch.float64)
+    torch.testing.assert_close(balance_reward(probs), torch.zeros(8, dtype=torch.float64))
+    rewards = grouped_balance_reward(probs, keys)
+    expected = eq3_by_hand(batch[:4]) + eq3_by_hand(batch[4:])
+    torch.testing.assert_close(rewards, torch.tensor(expected, dtype=torch.float64))
+    assert (rewards != 0).all()
+    # within each prompt, its minority image is rewarded and its majority penalised
+    assert rewards[3] > 0 > rewards[0] and rewards[7] > 0 > rewards[4]
+
+
+def test_grouped_balance_total_of_each_prompt_rises_towards_its_balance():
+    # move prompt "a" one image at a time from all male to balanced: its total reward rises to 0,
+    # whatever prompt "b" does (the whole-batch reward would be fooled by "b")
+    totals = []
+    for females in range(5):
+        batch = [FEMALE] * females + [MALE] * (8 - females) + [FEMALE] * 8
+        rewards = grouped_balance_reward(torch.tensor(batch), ["a"] * 8 + ["b"] * 8)
+        totals.append(rewards[:8].sum().item())
+    assert totals == sorted(totals) and totals[-1] == pytest.approx(0.0, abs=1e-6) and totals[0] < 0
+
+
+@pytest.mark.parametrize("target", [None, [0.2, 0.3, 0.5]])
+def test_grouped_balance_matches_counts_by_hand_on_random_batches(target):
+    generator = torch.Generator().manual_seed(3)
+    probs = torch.softmax(3 * torch.randn(40, 3, generator=generator), dim=1)
+    keys = [int(k) for k in torch.randint(0, 4, (40,), generator=generator)]
+    rewards = grouped_balance_reward(probs, keys, 0.7, None if target is None else torch.tensor(target))
+    labels = [threshold_by_hand(row) for row in probs.tolist()]
+    for key in set(keys):
+        rows = [i for i, k in enumerate(keys) if k == key]
+        expected = balance_by_hand([labels[i] for i in rows], 3, target)
+        torch.testing.assert_close(rewards[rows], torch.tensor(expected, dtype=torch.float32))
+
+
+def test_grouped_balance_gives_nan_to_non_finite_rows_and_checks_keys():
+    probs = torch.tensor([MALE, [float("nan")] * 2, FEMALE, MALE])
+    rewards = grouped_balance_reward(probs, ["a", "a", "a", "b"])
+    # "a": one male, one female (balanced); "b": one male only (q = 0, the worst)
+    assert rewards[1].isnan() and rewards[[0, 2, 3]].tolist() == [0.0, 0.0, -0.5]
+    with pytest.raises(ValueError, match="got 3 keys for 4 images"):
+        grouped_balance_reward(probs, ["a", "a", "b"])
+
+
+# ---------------------------------------------------------------- joint balance of several attributes
+def test_joint_classes_are_row_major_and_none_if_any_attribute_is_unsure():
+    first = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.4, 0.3, 0.3], [0.1, 0.8, 0.1]])
+    second = torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.9, 0.1], [0.5, 0.5]])
+    assert joint_classes([first, second]).tolist() == [1, 4, -1, -1]
+
+
+def test_joint_target_is_the_product_of_the_marginals():
+    got = joint_target([[0.3, 0.7], None, [0.1, 0.9]], [2, 3, 2])
+    expected = [a * b * c for a in (0.3, 0.7) for b in (1 / 3,) * 3 for c in (0.1, 0.9)]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2 marginals for 3 attributes"):
+        joint_target([None, None], [2, 2, 2])
+
+
+@pytest.mark.parametrize("marginals", [None, [[0.4, 0.6], [0.2, 0.3, 0.5]]])
+@pytest.mark.parametrize("per_key", [False, True])
+def test_joint_balance_matches_an_independent_computation(marginals, per_key):
+    generator = torch.Generator().manual_seed(11)
+    first = torch.softmax(3 * torch.randn(60, 2, generator=generator), dim=1).double()
+    second = torch.softmax(3 * torch.randn(60, 3, generator=generator), dim=1).double()
+    keys = [i % 3 for i in range(60)] if per_key else None
+    target = None if marginals is None else joint_target(marginals, [2, 3])
+    rewards = joint_balance_reward([first, second], 0.7, target, keys)
+    # independently: pairs of thresholded classes, counted with Python, joint shares over the 6 pairs
+    pairs = [(a, b) for a in range(2) for b in range(3)]
+    joint = [1 / 6] * 6 if marginals is None else [marginals[0][a] * marginals[1][b] for a, b in pairs]
+    labels = []
+    for row_first, row_second in zip(first.tolist(), second.tolist(), strict=True):
+        a, b = threshold_by_hand(row_first), threshold_by_hand(row_second)
+        labels.append(None if a is None or b is None else pairs.index((a, b)))
+    assert any(label is None for label in labels) and len(set(labels)) > 4
+    groups = [list(range(60))] if keys is None else [[i for i in range(60) if keys[i] == k] for k in range(3)]
+    for rows in groups:
+        expected = balance_by_hand([labels[i] for i in rows], 6, joint)
+        torch.testing.assert_close(rewards[rows], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_joint_balance_of_one_attribute_is_the_balance_reward_and_sees_joint_bias():
+    probs = torch.softmax(2 * torch.randn(20, 2, generator=torch.Generator().manual_seed(1)), dim=1)
+    torch.testing.assert_close(joint_balance_reward([probs]), balance_reward(probs))
+    # every marginal is balanced (half zeros, half bold) but the pairs are (0, thin) and (1, bold) only
+    digit = torch.tensor([[0.9, 0.1]] * 4 + [[0.1, 0.9]] * 4)
+    assert balance_reward(digit).abs().max() == 0 and balance_reward(digit.flip(0)).abs().max() == 0
+    assert (joint_balance_reward([digit, digit]) < 0).all()
+
+
+def test_joint_balance_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="probs is empty"):
+        joint_balance_reward([])
+    with pytest.raises(ValueError, match=r"\[4, 3\] rows"):
+        joint_balance_reward([torch.rand(4, 2), torch.rand(3, 2)])
+    with pytest.raises(ValueError, match="expected \\[4\\]"):
+        joint_balance_reward([torch.rand(4, 2), torch.rand(4, 2)], target=torch.ones(3) / 3)

@@ -6,6 +6,7 @@ from scipy.stats import entropy
 from torch import nn
 from torchmetrics.utilities.data import dim_zero_sum
 
+from lightning_sdrl.functional.metrics import attribute_kl as attribute_kl_fn
 from lightning_sdrl.functional.metrics import precision_recall
 from lightning_sdrl.metrics.attribute_kl import AttributeKL
 from lightning_sdrl.metrics.fid import FID
@@ -173,3 +174,35 @@ def test_attribute_kl_validates_arguments():
         metric.update(torch.rand(4, 3))
     with pytest.raises(RuntimeError, match="before any update"):
         metric.compute()
+
+
+def test_functional_attribute_kl_of_per_prompt_rows_matches_scipy_row_by_row():
+    counts = torch.tensor([[30, 10, 0], [5, 5, 5], [1, 7, 2]])
+    target = torch.tensor([0.5, 0.3, 0.2])
+    got = attribute_kl_fn(counts, target)
+    expected = [entropy(row, target.numpy()) for row in counts.numpy()]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    assert attribute_kl_fn(counts[1]).item() == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(ValueError, match="not all zero"):
+        attribute_kl_fn(torch.tensor([[1, 1], [0, 0]]))
+
+
+def test_attribute_kl_per_prompt_matches_scipy_for_each_prompt():
+    generator = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(60, 2, generator=generator), dim=1)
+    prompts = ["a", "b", "c"]
+    keys = [prompts[i] for i in torch.randint(0, 2, (60,), generator=generator).tolist()]  # "c" never seen
+    metric = AttributeKL(num_classes=2, target=[0.4, 0.6], prompts=prompts)
+    for start in range(0, 60, 16):
+        metric.update(probs[start : start + 16], keys[start : start + 16])
+    classes = probs.argmax(1).numpy()
+    expected = [entropy(np.bincount(classes[[k == p for k in keys]], minlength=2), [0.4, 0.6]) for p in ("a", "b")]
+    kl = metric.compute()
+    np.testing.assert_allclose(kl[:2].numpy(), expected, rtol=1e-12)
+    assert kl[2].isnan()
+    assert metric.compute_mean().item() == pytest.approx(np.mean(expected), rel=1e-12)
+    assert metric.compute_worst().item() == pytest.approx(max(expected), rel=1e-12)
+    with pytest.raises(ValueError, match="needs the prompt of each"):
+        metric.update(probs[:2], ["a", "z"])
+    with pytest.raises(ValueError, match="distinct prompts"):
+        AttributeKL(num_classes=2, prompts=["a", "a"])

@@ -6,9 +6,15 @@ from torch import nn
 
 from lightning_sdrl.digits.classifier import DigitsClassifier
 from lightning_sdrl.digits.data import digits_split
-from lightning_sdrl.functional.classifier_rewards import balance_reward, shift_reward
+from lightning_sdrl.functional.classifier_rewards import (
+    balance_reward,
+    grouped_balance_reward,
+    joint_balance_reward,
+    shift_reward,
+)
 from lightning_sdrl.rewards.attribute import (
     BalanceReward,
+    JointBalanceReward,
     ShiftReward,
     attribute_shares,
     group_probabilities,
@@ -187,3 +193,102 @@ def test_ddpo_config_with_the_balance_reward_parses(tmp_path, capsys):
     assert reward["class_path"] == "lightning_sdrl.rewards.attribute.BalanceReward"
     assert reward["init_args"]["groups"] == [[0], [6, 8, 9]]
     assert reward["init_args"]["threshold"] == 0.7
+
+
+# ---------------------------------------------------------------- per prompt and joint (section V)
+class MeanPixelClassifier(nn.Module):
+    """Column 1 is the image's mean pixel: images are made to be classified as wanted."""
+
+    labels = ["dark", "light"]
+
+    def forward(self, images):
+        light = images.mean(dim=(1, 2, 3))
+        return torch.stack([1 - light, light], dim=1)
+
+
+def _shaded(values):
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
+
+
+def test_per_prompt_balance_reward_equals_the_grouped_functional_value():
+    # the batch is 4 dark : 4 light, but prompt "a" is 3 : 1 and "b" 1 : 3
+    images = _shaded([0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9, 0.1])
+    prompts = ["a"] * 4 + ["b"] * 4
+    whole = BalanceReward(MeanPixelClassifier())(images, prompts)
+    torch.testing.assert_close(whole, torch.zeros(8))
+    per_prompt = BalanceReward(MeanPixelClassifier(), per_prompt=True)(images, prompts)
+    probs = MeanPixelClassifier()(images)
+    torch.testing.assert_close(per_prompt, grouped_balance_reward(probs, prompts))
+    # each prompt's minority image is rewarded (+1/4), its majority penalised (-1/4)
+    torch.testing.assert_close(per_prompt, torch.tensor([-1, -1, -1, 1, -1, -1, -1, 1]) / 4)
+    with pytest.raises(ValueError, match="got 3 prompts for 8 images"):
+        BalanceReward(MeanPixelClassifier(), per_prompt=True)(images, prompts[:3])
+
+
+def test_per_prompt_balance_reward_leaves_non_finite_images_out_with_their_prompts():
+    images = _shaded([0.1, float("nan"), 0.9, 0.9])
+    rewards = BalanceReward(MeanPixelClassifier(), per_prompt=True)(images, ["a", "a", "a", "b"])
+    assert rewards[1].isnan()
+    expected = grouped_balance_reward(MeanPixelClassifier()(images[[0, 2, 3]]), ["a", "a", "b"])
+    torch.testing.assert_close(rewards[[0, 2, 3]], expected)
+
+
+def test_prompt_groups_balance_each_prompt_over_its_own_classes():
+    reward = BalanceReward(FixedClassifier(), groups=[[0], [1, 2]], per_prompt=True, prompt_groups={"q": [[3], [2]]})
+    prompts = ["p", "p", "p", "q", "q", "q"]
+    probs = torch.cat(
+        [group_probabilities(PROBS[:3], [[0], [1, 2]]), group_probabilities(PROBS[3:], [[3], [2]])], dim=0
+    )
+    torch.testing.assert_close(reward.attribute_probs(_images(), prompts), probs)
+    torch.testing.assert_close(reward(_images(), prompts), grouped_balance_reward(probs, prompts))
+    assert reward.prompt_attribute_names("q") == ["owl", "fox"]
+    assert reward.prompt_attribute_names("p") == reward.attribute_names == ["cat", "dog+fox"]
+    with pytest.raises(ValueError, match="different numbers of attribute columns"):
+        BalanceReward(FixedClassifier(), groups=[[0], [1]], prompt_groups={"q": [[0], [1], [2]]})
+    with pytest.raises(ValueError, match="pass the images' prompts"):
+        reward.attribute_probs(_images())
+
+
+def test_joint_balance_reward_equals_the_functional_value_over_grouped_classifiers():
+    reward = JointBalanceReward(
+        [FixedClassifier(), MeanPixelClassifier()], groups=[[[0], [1, 2]], None], marginals=[[0.5, 0.5], [0.25, 0.75]]
+    )
+    assert reward.batch_level is True
+    images = _shaded([0.1, 0.9, 0.9, 0.1, 0.9, 0.2])
+    expected = joint_balance_reward(
+        [group_probabilities(PROBS, [[0], [1, 2]]), MeanPixelClassifier()(images)],
+        0.7,
+        torch.tensor([0.125, 0.375, 0.125, 0.375], dtype=torch.float64),
+    )
+    torch.testing.assert_close(reward(images, ["p"] * 6), expected)
+    assert reward.attribute_names == ["cat & dark", "cat & light", "dog+fox & dark", "dog+fox & light"]
+    per_prompt = JointBalanceReward([FixedClassifier(), MeanPixelClassifier()], per_prompt=True)
+    prompts = ["a", "b"] * 3
+    expected = joint_balance_reward([PROBS, MeanPixelClassifier()(images)], keys=prompts)
+    torch.testing.assert_close(per_prompt(images, prompts), expected)
+
+
+def test_joint_balance_reward_argument_errors():
+    with pytest.raises(ValueError, match="classifiers is empty"):
+        JointBalanceReward([])
+    with pytest.raises(ValueError, match="1 groups for 2 classifiers"):
+        JointBalanceReward([FixedClassifier(), MeanPixelClassifier()], groups=[None])
+    with pytest.raises(ValueError, match="both set"):
+        JointBalanceReward([MeanPixelClassifier()], marginals=[None], target_distribution=[0.5, 0.5])
+    with pytest.raises(ValueError, match=r"expected 8 positive shares"):
+        JointBalanceReward([FixedClassifier(), MeanPixelClassifier()], target_distribution=[0.5, 0.5])
+
+
+def test_stroke_thickness_judge_matches_the_hidden_rule(digits):
+    from lightning_sdrl.digits.preferences import stroke_thickness
+    from lightning_sdrl.digits.thickness import StrokeThicknessClassifier
+
+    images, _ = digits
+    images = images[:64]
+    judge = StrokeThicknessClassifier(boundary=0.35, temperature=0.02)
+    probs = judge(images)
+    thickness = stroke_thickness(images).double()
+    bold = 1 / (1 + torch.exp(-(thickness - 0.35) / 0.02))
+    torch.testing.assert_close(probs.double(), torch.stack([1 - bold, bold], 1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature=0"):
+        StrokeThicknessClassifier(temperature=0)
