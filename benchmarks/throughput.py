@@ -11,22 +11,29 @@ stock diffusers pipeline call on the same denoiser / VAE / text encoders, and ti
   ``StableDiffusion3Pipeline`` (its Euler ODE), a ``GRPOModule`` epoch on one prompt whose group
   is the whole batch, LoRA rank 32 / alpha 64 on Flow-GRPO's target modules.
 
-Weights are random (time does not depend on their values), so nothing is downloaded.
+Weights are random (time does not depend on their values), so nothing is downloaded. One run
+compares variants at equal settings: ``--weights-dtype`` (the policy's ``torch_dtype`` for the
+frozen weights; LoRA trains in float32), ``--compile`` (eager and ``torch.compile``-d denoiser),
+``--timestep-batch`` (trained steps per denoiser call).
 
     python benchmarks/throughput.py                              # CPU: tiny SD1.5-style components
-    python benchmarks/throughput.py --architecture sd15          # CUDA: SD1.5 architecture at 512x512
+    python benchmarks/throughput.py --timestep-batch 1 10        # ... training per step vs 10 steps per call
+    python benchmarks/throughput.py --architecture sd15 --compile --weights-dtype float32 bfloat16   # CUDA
     python benchmarks/throughput.py --architecture sd3-tiny      # CPU: tiny SD3 components
     python benchmarks/throughput.py --architecture sd35-medium   # CUDA: SD3.5 Medium, bf16, 512x512
 
-Prints one table; figures are recorded in docs/benchmarks.md.
+Prints one table; figures are recorded in docs/benchmarks.md (benchmarks/gpu_all.sh runs the GPU ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -42,6 +49,7 @@ from lightning_sdrl.modules.grpo import GRPOModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
 from lightning_sdrl.policies.architectures import sd3_components
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
+from lightning_sdrl.policies.loading import resolve_dtype
 from lightning_sdrl.policies.sd3 import FLOW_GRPO_LORA_TARGET_MODULES, SD3Policy
 from lightning_sdrl.rewards.simple import Brightness
 
@@ -60,29 +68,53 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Best wall time of ``repeats`` calls after one warm-up."""
-    result = fn()
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Best wall time of ``repeats`` calls after one warm-up (which compiles), and their peak CUDA memory in GiB.
+
+    The peak is nan on the CPU.
+    """
+    fn()
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        result = fn()
+        fn()
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return best, result
+    return best, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
-def profile(fn, device: torch.device) -> tuple[int, float]:
-    """FLOPs of one call (FlopCounterMode) and its peak CUDA memory in GiB (nan on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+def count_flops(fn) -> int:
+    """FLOPs of one call (FlopCounterMode, run eagerly: compiled code performs the same ones)."""
     with FlopCounterMode(display=False) as counter:
         fn()
-    synchronize(device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return counter.get_total_flops(), peak
+    return counter.get_total_flops()
+
+
+@contextlib.contextmanager
+def eager(policy: DiffusionPolicy) -> Iterator[None]:
+    """Run ``policy``'s denoiser eagerly inside this block (to count FLOPs), whatever its ``compile``."""
+    mode, policy.compile_mode = policy.compile_mode, None
+    try:
+        yield
+    finally:
+        policy.compile_mode = mode
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of the policy: frozen-weights dtype and eager or compiled denoiser."""
+
+    weights: torch.dtype
+    compiled: bool
+
+    @property
+    def label(self) -> str:
+        return f"{str(self.weights).removeprefix('torch.')} weights, {'compiled' if self.compiled else 'eager'}"
 
 
 @dataclass
@@ -93,7 +125,8 @@ class Setup:
         policy: the policy sampled and trained.
         stock: the stock diffusers pipeline on the same modules, returning images (``output_type="pt"``).
         stock_name: the pipeline's class name.
-        module: a fresh LightningModule (``DDPOModule`` or ``GRPOModule``) over ``policy``.
+        module: a fresh LightningModule (``DDPOModule`` or ``GRPOModule``) over ``policy``, given its
+            ``timestep_batch``.
         group_size: the data module's ``group_size`` (1: DDPO's independent prompts).
         header: the settings that describe the run, for the table's title.
         notes: lines printed under the table (parameter counts).
@@ -102,22 +135,22 @@ class Setup:
     policy: DiffusionPolicy
     stock: Callable[[], Tensor]
     stock_name: str
-    module: Callable[[], DDPOModule]
+    module: Callable[[int], DDPOModule]
     group_size: int
     header: str
     notes: list[str]
 
 
-def sd15_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Setup:
-    """DDPO on a Stable Diffusion 1.x architecture (UNet in float32 under autocast, as DDPO trains)."""
+def sd15_setup(args: argparse.Namespace, device: torch.device, variant: Variant) -> Setup:
+    """DDPO on a Stable Diffusion 1.x architecture, frozen weights in ``variant.weights`` (``torch_dtype``)."""
     if args.resolution is not None or args.no_t5:
         raise ValueError(
             f"--resolution / --no-t5 apply to {SD3_ARCHITECTURES} only; drop them for "
             f"--architecture {args.architecture}"
         )
-    policy = RandomTextToImagePolicy(args.architecture, lora=LoRASettings(rank=4)).to(device)
-    for module in (policy.text_encoder, policy.vae):
-        module.to(dtype)
+    policy = RandomTextToImagePolicy(
+        args.architecture, lora=LoRASettings(rank=4), torch_dtype=variant.weights, compile=variant.compiled
+    ).to(device)
     pipe = StableDiffusionPipeline(
         vae=policy.vae,
         text_encoder=policy.text_encoder,
@@ -140,7 +173,7 @@ def sd15_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             generator=torch.Generator(device).manual_seed(0),
         ).images
 
-    def module() -> DDPOModule:
+    def module(timestep_batch: int) -> DDPOModule:
         return DDPOModule(
             policy,
             Brightness(),
@@ -148,6 +181,7 @@ def sd15_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
             eta=args.eta,
             guidance_scale=args.guidance,
             train_batch_size=args.train_batch,
+            timestep_batch=timestep_batch,
             sample_grid_every_n_epochs=0,
             save_trained_on_end=False,
         )
@@ -156,8 +190,8 @@ def sd15_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     return Setup(policy, stock, type(pipe).__name__, module, 1, header, [])
 
 
-def sd3_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Setup:
-    """Flow-GRPO on a Stable Diffusion 3 architecture, built on ``device`` in ``dtype``, LoRA rank 32 / alpha 64."""
+def sd3_setup(args: argparse.Namespace, device: torch.device, variant: Variant) -> Setup:
+    """Flow-GRPO on a Stable Diffusion 3 architecture, built on ``device`` in ``variant.weights``, LoRA 32 / 64."""
     if args.architecture == "sd35-medium" and device.type != "cuda":
         raise ValueError("--architecture sd35-medium needs a CUDA device; on CPU use --architecture sd3-tiny")
     if args.batch < 2:
@@ -166,12 +200,12 @@ def sd3_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     if resolution is None and args.architecture == "sd35-medium":
         resolution = 512  # Flow-GRPO trains SD3.5 Medium at 512x512 (its native size is 1024)
     # The networks are initialised on the device, in the benchmark's dtype, as RandomStableDiffusion3Policy does.
-    components = sd3_components(args.architecture, seed=0, dtype=dtype, device=device)
+    components = sd3_components(args.architecture, seed=0, dtype=variant.weights, device=device)
     if args.no_t5:  # SD3 without its T5 encoder: zero T5 embeddings, as the pipeline with text_encoder_3=None
         components = dataclasses.replace(components, text_encoder_3=None, tokenizer_3=None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    policy = SD3Policy(components, lora=SD3_LORA, height=resolution, width=resolution)
+    policy = SD3Policy(components, lora=SD3_LORA, height=resolution, width=resolution, compile=variant.compiled)
     pipe = policy.components().pipeline()
     pipe.set_progress_bar_config(disable=True)
 
@@ -187,7 +221,7 @@ def sd3_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             generator=torch.Generator(device).manual_seed(0),
         ).images
 
-    def module() -> GRPOModule:
+    def module(timestep_batch: int) -> GRPOModule:
         return GRPOModule(
             policy,
             Brightness(),
@@ -195,6 +229,7 @@ def sd3_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             noise_level=args.eta,
             guidance_scale=args.guidance,
             train_batch_size=args.train_batch,
+            timestep_batch=timestep_batch,
             sample_grid_every_n_epochs=0,
             save_trained_on_end=False,
         )
@@ -209,7 +244,9 @@ def sd3_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     return Setup(policy, stock, type(pipe).__name__, module, args.batch, header, notes)
 
 
-def run_epoch(setup: Setup, args: argparse.Namespace, device: torch.device, precision: str) -> None:
+def run_epoch(
+    setup: Setup, args: argparse.Namespace, device: torch.device, precision: str, timestep_batch: int
+) -> None:
     """One RL epoch (one sampling batch of ``args.batch`` prompts, then the updates) with a Lightning Trainer."""
     data = SamplingDataModule(
         prompts=[PROMPT], batch_size=args.batch, num_batches_per_epoch=1, group_size=setup.group_size
@@ -226,7 +263,7 @@ def run_epoch(setup: Setup, args: argparse.Namespace, device: torch.device, prec
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    trainer.fit(setup.module(), data)
+    trainer.fit(setup.module(timestep_batch), data)
 
 
 def parse_args() -> argparse.Namespace:
@@ -244,8 +281,23 @@ def parse_args() -> argparse.Namespace:
         "--eta", "--noise-level", dest="eta", type=float, default=None, help="DDIM eta / SDE noise level (1.0 / 0.7)"
     )
     parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument(
+        "--timestep-batch", type=int, nargs="+", default=[1], help="trained steps per denoiser call (one row each)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
+    parser.add_argument(
+        "--dtype", default=None, help="compute dtype: autocast and Trainer precision (default: bf16 on CUDA)"
+    )
+    parser.add_argument(
+        "--weights-dtype",
+        nargs="+",
+        default=None,
+        help="the policy's torch_dtype for frozen weights, one variant each (default: --dtype's)",
+    )
+    parser.add_argument("--compile", action="store_true", help="measure the torch.compile-d denoiser next to eager")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for the MFU column (H100/H200 bf16: ~790)"
+    )
     parser.add_argument("--resolution", type=int, default=None, help="SD3 image side (default: sd35-medium 512)")
     parser.add_argument("--no-t5", action="store_true", help="SD3 without the T5-XXL text encoder")
     args = parser.parse_args()
@@ -258,19 +310,37 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+@dataclass
+class Row:
+    """One measurement: what, under which variant, for how many images, how long, how many FLOPs, peak memory."""
+
+    label: str
+    variant: str
+    timestep_batch: str
+    seconds: float
+    flops: float
+    memory: float
+
+
+def measure(
+    variant: Variant,
+    args: argparse.Namespace,
+    device: torch.device,
+    compute: torch.dtype,
+    flops: dict[str, float],
+) -> tuple[list[Row], float, Setup]:
+    """Rows of one variant: our sampler, the stock pipeline, training and the epoch per timestep batch.
+
+    FLOPs are counted once (eagerly) and reused: variants run the same operations. Returns the rows,
+    our sampler / stock pipeline time, and the setup.
+    """
     sd3 = args.architecture in SD3_ARCHITECTURES
-    setup = (sd3_setup if sd3 else sd15_setup)(args, device, dtype)
+    setup = (sd3_setup if sd3 else sd15_setup)(args, device, variant)
     policy = setup.policy
     autocast: AbstractContextManager = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        torch.autocast(device.type, dtype=compute) if compute != torch.float32 else nullcontext()
     )
-    precision = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[dtype]
+    precision = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[compute]
 
     def ours() -> Trajectory:
         with autocast:
@@ -286,39 +356,76 @@ def main() -> None:
         with autocast, torch.no_grad():
             return setup.stock()
 
-    def epoch() -> None:
-        run_epoch(setup, args, device, precision)
-
-    t_ours, _ = timed(ours, device, args.repeats)
-    t_stock, _ = timed(stock, device, args.repeats)
-    t_epoch, _ = timed(epoch, device, 1)
-    t_train = max(t_epoch - t_ours, 1e-9)
-    flops_ours, mem_ours = profile(ours, device)
-    flops_stock, mem_stock = profile(stock, device)
-    flops_epoch, mem_epoch = profile(epoch, device)
-    flops_train = flops_epoch - flops_ours  # the epoch samples exactly one batch like ours
-
+    t_ours, mem_ours = timed(ours, device, args.repeats)
+    t_stock, mem_stock = timed(stock, device, args.repeats)
+    with eager(policy):
+        for key, fn in (("ours", ours), ("stock", stock)):
+            if key not in flops:
+                flops[key] = count_flops(fn)
     algorithm = "GRPO" if sd3 else "DDPO"
     group = f", one prompt, group of {args.batch}" if setup.group_size > 1 else ""
+    rows = [
+        Row("our sampler (latents + log-probs)", variant.label, "-", t_ours, flops["ours"], mem_ours),
+        Row(f"stock {setup.stock_name}", variant.label, "-", t_stock, flops["stock"], mem_stock),
+    ]
+    for timestep_batch in args.timestep_batch:
+
+        def epoch(timestep_batch: int = timestep_batch) -> None:
+            run_epoch(setup, args, device, precision, timestep_batch)
+
+        t_epoch, memory = timed(epoch, device, 1)
+        key = f"epoch {timestep_batch}"
+        if key not in flops:
+            with eager(policy):
+                flops[key] = count_flops(epoch)
+        training = f"{algorithm} training (all {args.steps} steps, train batch {args.train_batch})"
+        # the epoch samples exactly one batch like ours: training is the rest
+        train_flops = flops[key] - flops["ours"]
+        batch = str(timestep_batch)
+        rows.append(Row(training, variant.label, batch, max(t_epoch - t_ours, 1e-9), train_flops, memory))
+        label = f"{algorithm} epoch (sample + train{group})"
+        rows.append(Row(label, variant.label, batch, t_epoch, flops[key], memory))
+    return rows, t_ours / t_stock, setup
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compute = resolve_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    weights = [resolve_dtype(name) for name in args.weights_dtype] if args.weights_dtype else [compute]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    compiled = [False, True] if args.compile else [False]
+    variants = [Variant(dtype, flag) for dtype in weights for flag in compiled]
+    rows, ratios, flops, header, notes = [], [], {}, "", []
+    for variant in variants:
+        variant_rows, ratio, setup = measure(variant, args, device, compute, flops)
+        rows += variant_rows
+        ratios.append((variant.label, ratio))
+        header, notes = setup.header, setup.notes
+        del setup  # free the device before building the next variant
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
-        f"\n## {args.architecture} on {name}, {dtype}, batch {args.batch}, {args.steps} steps, {setup.header}, "
+        f"\n## {args.architecture} on {name}, {compute} compute, batch {args.batch}, {args.steps} steps, {header}, "
         f"torch {torch.__version__}\n"
     )
-    training = f"{algorithm} training (all {args.steps} steps, train batch {args.train_batch})"
-    rows = [
-        ("our sampler (latents + log-probs)", t_ours, flops_ours, mem_ours),
-        (f"stock {setup.stock_name}", t_stock, flops_stock, mem_stock),
-        (training, t_train, flops_train, mem_epoch),
-        (f"{algorithm} epoch (sample + train{group})", t_epoch, flops_epoch, mem_epoch),
-    ]
-    print("| measurement | images/s | s per batch | TFLOP/s | peak GiB |")
-    print("| --- | --- | --- | --- | --- |")
-    for label, seconds, flops, memory in rows:
-        print(f"| {label} | {args.batch / seconds:.3g} | {seconds:.3g} | {flops / seconds / 1e12:.3g} | {memory:.2f} |")
-    for note in setup.notes:
+    print("| measurement | variant | timestep batch | images/s | s per batch | TFLOP/s | MFU | peak GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        tflops = row.flops / row.seconds / 1e12
+        mfu = tflops / args.peak_tflops if args.peak_tflops else math.nan
+        print(
+            f"| {row.label} | {row.variant} | {row.timestep_batch} | {args.batch / row.seconds:.3g} | "
+            f"{row.seconds:.3g} | {tflops:.3g} | {mfu:.3g} | {row.memory:.2f} |"
+        )
+    for note in notes:
         print(f"\n{note}")
-    print(f"\nour sampler / stock pipeline time: {t_ours / t_stock:.3f} (target <= 1.0)")
+    for label, ratio in ratios:
+        print(f"\nour sampler / stock pipeline time ({label}): {ratio:.3f} (target <= 1.0)")
 
 
 if __name__ == "__main__":

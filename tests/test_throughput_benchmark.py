@@ -1,4 +1,8 @@
-"""Smoke test of benchmarks/throughput.py in its sd3-tiny (GRPO) mode: a tiny run on the CPU, its table checked."""
+"""Smoke test of benchmarks/throughput.py in its sd3-tiny (GRPO) mode: a tiny run on the CPU, its table checked.
+
+The run compares two weight dtypes (the policy's ``torch_dtype``) and two timestep batches; the
+compiled variant (``--compile``) is left to GPU runs (inductor needs minutes to compile on a CPU).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ ROWS = {
     "train": f"GRPO training (all {STEPS} steps, train batch 4)",
     "epoch": f"GRPO epoch (sample + train, one prompt, group of {BATCH})",
 }
+VARIANTS = ["float32 weights, eager", "bfloat16 weights, eager"]
+TIMESTEP_BATCHES = ["1", "2"]
 
 
 def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
@@ -38,41 +44,56 @@ def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def output() -> str:
     args = ("--architecture", "sd3-tiny", "--batch", str(BATCH), "--steps", str(STEPS), "--repeats", "1")
-    result = run_benchmark(*args)
+    variants = ("--weights-dtype", "float32", "bfloat16", "--timestep-batch", *TIMESTEP_BATCHES)
+    result = run_benchmark(*args, *variants)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
-def table(output: str) -> dict[str, list[float]]:
-    """Row label -> [images/s, s per batch, TFLOP/s, peak GiB], each label required exactly once."""
+def table(output: str) -> dict[tuple[str, str, str], list[float]]:
+    """(row key, variant, timestep batch) -> [images/s, s per batch, TFLOP/s, MFU, peak GiB], each row exactly once."""
     rows = {}
-    for key, label in ROWS.items():
-        lines = [line for line in output.splitlines() if line.startswith(f"| {label} |")]
-        assert len(lines) == 1, f"row {label!r} appears {len(lines)} times in:\n{output}"
-        cells = [cell.strip() for cell in lines[0].strip("|").split("|")]
-        assert len(cells) == 5, lines[0]
-        rows[key] = [float(cell) for cell in cells[1:]]
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or cells[0] not in ROWS.values():
+            continue
+        assert len(cells) == 8, line
+        key = (next(k for k, label in ROWS.items() if label == cells[0]), cells[1], cells[2])
+        assert key not in rows, f"row {key} appears twice in:\n{output}"
+        rows[key] = [float(cell) for cell in cells[3:]]
+    expected = {(key, variant, "-") for key in ("ours", "stock") for variant in VARIANTS}
+    expected |= {(key, v, b) for key in ("train", "epoch") for v in VARIANTS for b in TIMESTEP_BATCHES}
+    assert set(rows) == expected, output
     return rows
 
 
 def test_table_has_every_row_with_finite_consistent_figures(output):
     rows = table(output)
-    for key, (images_per_s, seconds, tflops, memory) in rows.items():
+    for key, (images_per_s, seconds, tflops, mfu, memory) in rows.items():
         assert math.isfinite(images_per_s) and images_per_s > 0, key
         assert math.isfinite(seconds) and seconds > 0, key
         assert math.isfinite(tflops) and tflops > 0, key  # FlopCounterMode saw the matmuls
-        assert math.isnan(memory), key  # peak CUDA memory has no meaning on the CPU
+        assert math.isnan(mfu) and math.isnan(memory), key  # no peak given; peak CUDA memory means nothing on CPU
         assert images_per_s * seconds == pytest.approx(BATCH, rel=0.01), key  # 3 significant figures each
-    # The epoch samples one batch and then trains, so training time is epoch minus sampling time.
-    assert rows["epoch"][1] > rows["ours"][1]
-    assert rows["train"][1] == pytest.approx(rows["epoch"][1] - rows["ours"][1], rel=0.02, abs=2e-3)
-    ratio = float(re.search(r"our sampler / stock pipeline time: ([0-9.]+)", output).group(1))
-    assert ratio == pytest.approx(rows["ours"][1] / rows["stock"][1], rel=0.02)
+    for variant in VARIANTS:
+        ours = rows["ours", variant, "-"]
+        for batch in TIMESTEP_BATCHES:
+            # The epoch samples one batch and then trains, so training time is epoch minus sampling time.
+            epoch, train = rows["epoch", variant, batch], rows["train", variant, batch]
+            assert epoch[1] > ours[1]
+            assert train[1] == pytest.approx(epoch[1] - ours[1], rel=0.02, abs=2e-3)
+            # scoring two steps per denoiser call performs the same FLOPs as one at a time
+            flops = train[1] * train[2]
+            assert flops == pytest.approx(rows["train", variant, "1"][1] * rows["train", variant, "1"][2], rel=0.02)
+        match = re.search(rf"our sampler / stock pipeline time \({variant}\): ([0-9.]+)", output)
+        assert float(match.group(1)) == pytest.approx(ours[1] / rows["stock", variant, "-"][1], rel=0.02)
 
 
 def test_header_states_the_settings(output):
     header = next(line for line in output.splitlines() if line.startswith("## "))
-    assert header.startswith(f"## sd3-tiny on CPU, torch.float32, batch {BATCH}, {STEPS} steps, 16x16, CFG 4.5, ")
+    assert header.startswith(
+        f"## sd3-tiny on CPU, torch.float32 compute, batch {BATCH}, {STEPS} steps, 16x16, CFG 4.5, "
+    )
     assert "noise level 0.7, LoRA rank 32 alpha 64, T5 on" in header
 
 
@@ -115,4 +136,17 @@ def benchmark():
 def test_bad_arguments_raise_a_clear_error_before_building(benchmark, setup, arguments, message):
     args = argparse.Namespace(**{"batch": 16, "resolution": None, "no_t5": False, **arguments})
     with pytest.raises(ValueError, match=re.escape(message)):
-        getattr(benchmark, setup)(args, torch.device("cpu"), torch.float32)
+        getattr(benchmark, setup)(args, torch.device("cpu"), benchmark.Variant(torch.float32, compiled=False))
+
+
+def test_flops_are_counted_eagerly_and_compile_is_restored(benchmark):
+    class Policy:
+        compile_mode = "max-autotune"
+
+    policy = Policy()
+    seen = []
+    flops = benchmark.count_flops(lambda: seen.append(policy.compile_mode) or torch.ones(4, 8) @ torch.ones(8, 2))
+    assert flops == 2 * 4 * 8 * 2  # one [4, 8] x [8, 2] matmul: 2 m n k
+    with benchmark.eager(policy):
+        seen.append(policy.compile_mode)
+    assert seen == ["max-autotune", None] and policy.compile_mode == "max-autotune"

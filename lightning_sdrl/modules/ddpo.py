@@ -161,6 +161,9 @@ class DDPOModule(GenerationModule):
         gradient_accumulation_steps: train batches per optimiser step.
         num_inner_epochs: passes over each epoch's samples (``K``).
         timestep_fraction: fraction of each trajectory's (shuffled) steps trained on.
+        timestep_batch: trained steps of the same trajectories scored in one denoiser call (its
+            batch is ``train_batch_size x timestep_batch``, times 2 with guidance): fewer, larger
+            kernels, the same gradients as one step per call (1, the default).
         clip_range: PPO ratio clip range ``epsilon``.
         adv_clip_max: advantages are clamped to ``[-adv_clip_max, adv_clip_max]``.
         max_grad_norm: gradient-norm clip before each step (``None`` disables).
@@ -208,6 +211,7 @@ class DDPOModule(GenerationModule):
         gradient_accumulation_steps: int = 1,
         num_inner_epochs: int = 1,
         timestep_fraction: float = 1.0,
+        timestep_batch: int = 1,
         clip_range: float = 1e-4,
         adv_clip_max: float = 5.0,
         max_grad_norm: float | None = 1.0,
@@ -249,6 +253,7 @@ class DDPOModule(GenerationModule):
             train_batch_size=train_batch_size,
             num_inner_epochs=num_inner_epochs,
             gradient_accumulation_steps=gradient_accumulation_steps,
+            timestep_batch=timestep_batch,
         )
         self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "lr_scheduler", "evaluation", "advantages"])
         self.keep_step_means = trust_region == "truly"
@@ -473,17 +478,20 @@ class DDPOModule(GenerationModule):
         for index, start in enumerate(batches):
             rows = torch.arange(start, min(start + hp.train_batch_size, num_samples))
             window_end = (index + 1) % hp.gradient_accumulation_steps == 0 or index + 1 == len(batches)
-            for j in range(train_steps):
-                last_backward = window_end and j + 1 == train_steps
+            # Chunks of timestep_batch steps, each scored in one denoiser call; a chunk's loss is the
+            # mean over its steps, so weighting it by its size gives the per-step loop's gradient.
+            for first in range(0, train_steps, hp.timestep_batch):
+                steps = step_order[rows, first : min(first + hp.timestep_batch, train_steps)]
+                last_backward = window_end and first + steps.shape[1] == train_steps
                 with self._gradient_sync(last_backward):
                     out, extra = self._step_loss(
                         trajectory.select(rows),
                         advantages[rows.to(advantages.device)],
-                        step_order[rows, j],
+                        steps,
                         weights[rows] if weights is not None else None,
                     )
                     loss = out.loss + extra.get("train/kl_reference_loss", 0.0)
-                    self.manual_backward(loss / (train_steps * hp.gradient_accumulation_steps))
+                    self.manual_backward(loss * steps.shape[1] / (train_steps * hp.gradient_accumulation_steps))
                 for key, value in {
                     "train/loss": loss.detach(),
                     "train/approx_kl": out.approx_kl.detach(),
@@ -513,41 +521,48 @@ class DDPOModule(GenerationModule):
     def _step_loss(
         self, trajectory: Trajectory, advantages: Tensor, step: Tensor, weights: Tensor | None = None
     ) -> tuple[PolicyLoss, dict[str, Tensor]]:
-        """Policy loss of one stored step per sample (and the optional reference KL).
+        """Policy loss of stored steps (and the optional reference KL), averaged over every scored step.
 
-        With ``weights`` (1 or 0 per sample) only the weight-1 samples enter the loss; a batch of
-        weight-0 samples gives a zero loss that still runs backward (for DDP's gradient sync).
+        ``step`` is ``[B]`` (one step per sample) or ``[B, S]`` (``S`` steps per sample, scored in
+        one denoiser call). With ``weights`` (1 or 0 per sample) only the weight-1 samples enter
+        the loss; a batch of weight-0 samples gives a zero loss that still runs backward (for
+        DDP's gradient sync).
         """
         hp = self.hparams
         guidance = hp.guidance_scale if hp.cfg_during_training else 1.0
-        log_prob, dist = self.policy.step_log_prob(trajectory, step, hp.eta, guidance)
+        steps = step.view(len(trajectory), -1)
+        per_row = steps.shape[1]
+        # one step per sample is scored as a [B] step (the policy's one-step call)
+        log_prob, dist = self.policy.step_log_prob(trajectory, steps if per_row > 1 else steps[:, 0], hp.eta, guidance)
+        log_prob = log_prob.view(len(trajectory), per_row)
         if weights is not None:
             kept = torch.nonzero(weights > 0).flatten()
             if len(kept) == 0:
                 zero = 0.0 * log_prob.sum()
-                return PolicyLoss(zero, torch.ones_like(log_prob), zero.detach(), zero.detach()), {}
-            on_device = kept.to(log_prob.device)
-            trajectory, advantages, step = trajectory.select(kept), advantages[on_device], step[kept]
-            log_prob = log_prob[on_device]
-            dist = type(dist)(*(value[on_device] if value.shape[0] == len(weights) else value for value in dist))
-        rows = torch.arange(len(trajectory), device=log_prob.device)
-        step = step.to(log_prob.device)
-        old_log_prob = trajectory.log_probs[rows, step]
-        advantages = clip_advantages(advantages, hp.adv_clip_max)
+                return PolicyLoss(zero, torch.ones_like(log_prob.flatten()), zero.detach(), zero.detach()), {}
+            # the distribution's rows are the samples' steps, row-major: sample i has rows i*S .. i*S+S-1
+            entries = (kept.unsqueeze(1) * per_row + torch.arange(per_row)).flatten().to(log_prob.device)
+            trajectory, advantages, steps = trajectory.select(kept), advantages[kept.to(advantages.device)], steps[kept]
+            log_prob = log_prob[kept.to(log_prob.device)]
+            rows_before = len(weights) * per_row
+            dist = type(dist)(*(value[entries] if value.shape[0] == rows_before else value for value in dist))
+        steps = steps.to(log_prob.device)
+        log_prob = log_prob.flatten()
+        old_log_prob = trajectory.log_probs.gather(1, steps).flatten()
+        advantages = clip_advantages(advantages, hp.adv_clip_max).repeat_interleave(per_row)
         if hp.trust_region == "clip":
             out = ppo_clip_loss(log_prob, old_log_prob, advantages, hp.clip_range)
         else:
-            kl_old = gaussian_kl_same_std(trajectory.means[rows, step].to(dist.mean.dtype), dist.mean, dist.std)
+            rows = torch.arange(len(trajectory), device=steps.device).unsqueeze(1)
+            old_mean = trajectory.means[rows, steps].flatten(0, 1).to(dist.mean.dtype)
+            kl_old = gaussian_kl_same_std(old_mean, dist.mean, dist.std)
             out = truly_ppo_loss(log_prob, old_log_prob, advantages, kl_old, hp.kl_threshold, hp.rollback_coef)
         extra: dict[str, Tensor] = {}
         if hp.kl_reference_coef > 0:
+            stored = self.policy.stored_steps(trajectory, steps)
             with torch.no_grad(), self.policy.reference():
                 reference = self.policy.step_distribution(
-                    trajectory.latents[rows, step],
-                    trajectory.timesteps[rows, step],
-                    trajectory.conditions,
-                    hp.eta,
-                    guidance,
+                    stored.sample, stored.timesteps, stored.conditions, hp.eta, guidance
                 )
             kl_reference = gaussian_kl_same_std(dist.mean, reference.mean, dist.std).mean()
             extra = {

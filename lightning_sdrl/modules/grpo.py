@@ -50,6 +50,8 @@ class GRPOModule(DDPOModule):
         gradient_accumulation_steps: train batches per optimiser step.
         num_inner_epochs: passes over each epoch's samples.
         timestep_fraction: fraction of each trajectory's stochastic steps trained on.
+        timestep_batch: trained steps of the same trajectories scored in one denoiser call (1: one
+            step per call; the gradients are the same).
         clip_range: PPO ratio clip range.
         adv_clip_max: advantages are clamped to ``[-adv_clip_max, adv_clip_max]``.
         max_grad_norm: gradient-norm clip (``None`` disables).
@@ -82,6 +84,7 @@ class GRPOModule(DDPOModule):
         gradient_accumulation_steps: int = 1,
         num_inner_epochs: int = 1,
         timestep_fraction: float = 1.0,
+        timestep_batch: int = 1,
         clip_range: float = 1e-4,
         adv_clip_max: float = 5.0,
         max_grad_norm: float | None = 1.0,
@@ -110,6 +113,7 @@ class GRPOModule(DDPOModule):
             gradient_accumulation_steps=gradient_accumulation_steps,
             num_inner_epochs=num_inner_epochs,
             timestep_fraction=timestep_fraction,
+            timestep_batch=timestep_batch,
             clip_range=clip_range,
             adv_clip_max=adv_clip_max,
             max_grad_norm=max_grad_norm,

@@ -5,17 +5,26 @@ prompts into conditioning, how to run its denoiser and how to decode a final sam
 the sampling loop, classifier-free guidance (batched into one denoiser call) and step
 log-probabilities live here once. The step itself is the policy's :class:`~.kernels.StepKernel`
 (DDIM by default), and conditioning is a :class:`~.conditioning.Conditioning` of named tensors.
+
+Performance options shared by every policy: frozen weights in reduced precision (``torch_dtype`` of
+the subclasses) with the trained parameters kept in float32, and a ``torch.compile``-d denoiser
+call (``compile``; the module itself is not wrapped, so state-dict keys and saved weights are
+unchanged).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator
+import functools
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
+from diffusers.training_utils import cast_training_params
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
@@ -32,6 +41,52 @@ from lightning_sdrl.policies.lora import (
     save_lora_weights,
     settings_hint,
 )
+
+log = logging.getLogger("lightning_sdrl")
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+"""``torch.compile`` modes of the denoiser call (``True`` is ``"default"``)."""
+
+
+def _call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # Compiled once per mode for every denoiser: the module is an argument (dynamo guards on it), so
+    # no compiled state lives inside the module (deep copies, state_dict and save_pretrained see none).
+    return module(*args, **kwargs)
+
+
+@functools.cache
+def compiled_module_call(mode: CompileMode) -> Callable[..., Any]:
+    """``torch.compile`` of ``module(*args, **kwargs)`` in ``mode``, one graph per input shape and grad mode.
+
+    ``dynamic=False``: the sampling batch, the training batch and a last partial batch each get
+    their own static graph, compiled at their first call; timesteps are ``[B]`` tensors, so a new
+    step never recompiles.
+    """
+    return torch.compile(_call_module, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def cast_frozen_weights(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Cast ``module``'s floating-point weights to ``dtype`` in place, keeping its float32 modules float32.
+
+    The modules ``from_pretrained(..., torch_dtype=...)`` would keep in float32 stay in float32: a
+    diffusers model's ``_keep_in_fp32_modules``; a transformers model's ``_keep_in_fp32_modules_strict``
+    and, under float16 only, its ``_keep_in_fp32_modules`` (T5's ``wo`` projections).
+    ``dtype=None`` leaves the module unchanged.
+
+    Example:
+        >>> cast_frozen_weights(nn.Linear(2, 2), torch.bfloat16).weight.dtype
+        torch.bfloat16
+    """
+    if dtype is None:
+        return module
+    keep = set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16 or not hasattr(module, "_keep_in_fp32_modules_strict"):  # not a transformers model
+        keep |= set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point():
+            kept = any(part in name.split(".") for part in keep)
+            tensor.data = tensor.data.to(torch.float32 if kept else dtype)
+    return module
 
 
 @dataclass
@@ -114,27 +169,59 @@ class Trajectory:
         return Trajectory(**values)
 
 
+class StoredSteps(NamedTuple):
+    """``N`` stored denoising steps ``x_t -> x_{t-1}`` gathered from trajectories (for re-scoring).
+
+    Attributes:
+        sample: ``[N, C, H, W]`` the samples ``x_t``.
+        timesteps: ``[N]`` their timesteps.
+        conditions: the conditioning of each row (``N`` rows).
+        next_sample: ``[N, C, H, W]`` the stored ``x_{t-1}``.
+    """
+
+    sample: Tensor
+    timesteps: Tensor
+    conditions: Conditioning
+    next_sample: Tensor
+
+
 class DiffusionPolicy(nn.Module, abc.ABC):
     """A conditional diffusion model sampled with a stochastic step kernel, whose step log-probs can be recomputed.
 
     Subclasses set the trained denoiser as the attribute named by :attr:`denoiser_name`
     (``self.unet`` by default; ``self.transformer`` for diffusion transformers) and ``self.kernel``
-    (a :class:`~.kernels.StepKernel`, e.g. ``DDIMStep(scheduler)``), and implement the abstract
-    methods.
+    (a :class:`~.kernels.StepKernel`, e.g. ``DDIMStep(scheduler)``), implement the abstract
+    methods, and call the denoiser through :meth:`run_denoiser` (which compiles it when asked).
 
     Args:
         lora: LoRA settings for the denoiser; ``None`` fine-tunes all its weights.
         gradient_checkpointing: recompute denoiser activations in the backward pass.
+        compile: ``torch.compile`` the denoiser call for sampling and training (``True`` or a
+            :data:`CompileMode`); ``False`` runs it eagerly. Where compilation is unavailable
+            (no dynamo on this platform, a backend that fails) one warning is logged and the
+            denoiser runs eagerly.
     """
 
     kernel: StepKernel
     denoiser_name: str = "unet"
     """Attribute, pipeline component and ``save_trained`` subfolder of the denoiser (also the LoRA keys' prefix)."""
 
-    def __init__(self, lora: LoRASettings | None = None, gradient_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        lora: LoRASettings | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool | CompileMode = False,
+    ) -> None:
         super().__init__()
+        if compile is not False and compile is not True and compile not in get_args(CompileMode):
+            raise ValueError(
+                f"compile={compile!r}; expected true, false or a torch.compile mode {list(get_args(CompileMode))}"
+            )
         self.lora = lora
         self.gradient_checkpointing = gradient_checkpointing
+        self.compile_mode: CompileMode | None = "default" if compile is True else (compile or None)
+        if self.compile_mode is not None and not torch._dynamo.is_dynamo_supported():
+            self._compile_unavailable("torch._dynamo is not supported on this platform")
 
     # ----------------------------------------------------------------- subclass interface
     @abc.abstractmethod
@@ -170,14 +257,43 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         return self.kernel.scheduler
 
     def _setup_trainable(self) -> None:
-        """Freeze everything, then make the denoiser (or its LoRA layers) trainable."""
+        """Freeze everything, then make the denoiser (or its LoRA layers) trainable, in float32.
+
+        peft gives adapters the dtype of the layer they wrap; the trained parameters are cast to
+        float32 (diffusers' ``cast_training_params``) so reduced-precision frozen weights never
+        mean reduced-precision optimiser updates.
+        """
         self.requires_grad_(False)
         if self.lora is not None:
             self.lora.apply(self.denoiser)
         else:
             self.denoiser.requires_grad_(True)
+        cast_training_params(self.denoiser, torch.float32)
         if self.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
+
+    def run_denoiser(self, *args: Any, **kwargs: Any) -> Any:
+        """``self.denoiser(*args, **kwargs)``, compiled when :attr:`compile_mode` is set.
+
+        A compilation failure (``torch._dynamo`` errors, e.g. no C++ compiler for the CPU backend)
+        logs one warning, switches compilation off for this policy and reruns the call eagerly.
+        """
+        if self.compile_mode is None:
+            return self.denoiser(*args, **kwargs)
+        try:
+            return compiled_module_call(self.compile_mode)(self.denoiser, *args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            self._compile_unavailable(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+            return self.denoiser(*args, **kwargs)
+
+    def _compile_unavailable(self, reason: str) -> None:
+        log.warning(
+            "compile=%r: torch.compile of the %s is unavailable (%s); running it eagerly",
+            self.compile_mode,
+            self.denoiser_name,
+            reason,
+        )
+        self.compile_mode = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser updates."""
@@ -190,8 +306,16 @@ class DiffusionPolicy(nn.Module, abc.ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Parameter dtype of the denoiser."""
-        return next(self.denoiser.parameters()).dtype
+        """Dtype of the denoiser's base weights (its first frozen parameter; samples are drawn in it).
+
+        Trained parameters are float32 whatever the base weights' dtype, so under full
+        fine-tuning (every parameter trained) this is float32.
+        """
+        parameters = self.denoiser.parameters()
+        first = next(parameters)
+        if not first.requires_grad:
+            return first.dtype
+        return next((p.dtype for p in parameters if not p.requires_grad), first.dtype)
 
     def guided_prediction(
         self, sample: Tensor, timesteps: Tensor, conditions: Conditioning, guidance_scale: float
@@ -322,6 +446,37 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         model_output = self.guided_prediction(sample, timesteps, conditions, guidance_scale)
         return self.kernel.distribution(model_output, timesteps, sample, eta)
 
+    def stored_steps(self, trajectory: Trajectory, step: Tensor) -> StoredSteps:
+        """The stored steps ``step`` of ``trajectory``, one row per scored step.
+
+        Args:
+            trajectory: stored trajectories of ``B`` samples.
+            step: ``[B]`` (one step of each trajectory) or ``[B, S]`` (``S`` steps of each) long
+                tensor of step indices.
+
+        Returns:
+            ``N = step.numel()`` rows in row-major order of ``step`` (trajectory ``i``'s ``S`` steps
+            are rows ``i * S .. i * S + S - 1``).
+        """
+        if step.ndim not in (1, 2) or step.shape[0] != len(trajectory):
+            raise ValueError(
+                f"step has shape {list(step.shape)}; expected [{len(trajectory)}] or [{len(trajectory)}, S] "
+                "(step indices of each trajectory)"
+            )
+        device = trajectory.latents.device
+        steps = step.to(device).view(len(trajectory), -1)
+        rows = torch.arange(len(trajectory), device=device).unsqueeze(1)
+        per_row = steps.shape[1]
+        conditions = trajectory.conditions
+        if per_row > 1:  # each trajectory's conditioning once per scored step
+            conditions = conditions.select(rows.expand_as(steps).flatten())
+        return StoredSteps(
+            sample=trajectory.latents[rows, steps].flatten(0, 1),
+            timesteps=trajectory.timesteps[rows, steps].flatten(),
+            conditions=conditions,
+            next_sample=trajectory.latents[rows, steps + 1].flatten(0, 1),
+        )
+
     def step_log_prob(
         self,
         trajectory: Trajectory,
@@ -329,28 +484,24 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         eta: float = 1.0,
         guidance_scale: float = 5.0,
     ) -> tuple[Tensor, StepDistribution]:
-        """Log-prob ``[B]`` of the stored step ``step[i]`` of each trajectory ``i``, with gradients.
+        """Log-prob of stored steps of each trajectory, with gradients, in one denoiser call.
 
         Args:
             trajectory: stored trajectories of ``B`` samples.
-            step: ``[B]`` long tensor, which step of each trajectory to score.
+            step: ``[B]`` long tensor, which step of each trajectory to score, or ``[B, S]``: ``S``
+                steps of each (one denoiser batch of ``B * S`` rows, times 2 with guidance).
             eta: the DDIM noise weight used when sampling.
             guidance_scale: the guidance used when sampling.
 
         Returns:
-            The log-probs and the step distributions they come from.
+            The log-probs (the shape of ``step``) and the step distributions they come from (``N =
+            step.numel()`` rows in the order of :meth:`stored_steps`).
         """
-        rows = torch.arange(len(trajectory), device=trajectory.latents.device)
-        step = step.to(rows.device)
         self.set_num_steps(trajectory.num_steps)
-        dist = self.step_distribution(
-            trajectory.latents[rows, step],
-            trajectory.timesteps[rows, step],
-            trajectory.conditions,
-            eta,
-            guidance_scale,
-        )
-        return gaussian_log_prob(trajectory.latents[rows, step + 1], dist.mean, dist.std), dist
+        stored = self.stored_steps(trajectory, step)
+        dist = self.step_distribution(stored.sample, stored.timesteps, stored.conditions, eta, guidance_scale)
+        log_prob = gaussian_log_prob(stored.next_sample, dist.mean, dist.std)
+        return log_prob.view(step.shape), dist
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -14,10 +14,10 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch import Tensor
 
-from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.policies.base import CompileMode, DiffusionPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.kernels import DDIMStep
-from lightning_sdrl.policies.loading import check_source, load_component
+from lightning_sdrl.policies.loading import check_source, load_component, resolve_dtype
 from lightning_sdrl.policies.lora import LoRASettings
 
 CLASS_NAMES_FILE = "class_names.json"
@@ -32,6 +32,7 @@ class ClassConditionalPolicy(DiffusionPolicy):
         class_names: the prompt of each class, in class-index order.
         lora: LoRA settings; ``None`` fine-tunes the whole UNet.
         gradient_checkpointing: recompute UNet activations in the backward pass.
+        compile: ``torch.compile`` the UNet call (``True`` or a mode; see :class:`DiffusionPolicy`).
     """
 
     def __init__(
@@ -41,8 +42,9 @@ class ClassConditionalPolicy(DiffusionPolicy):
         class_names: list[str],
         lora: LoRASettings | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool | CompileMode = False,
     ) -> None:
-        super().__init__(lora=lora, gradient_checkpointing=gradient_checkpointing)
+        super().__init__(lora=lora, gradient_checkpointing=gradient_checkpointing, compile=compile)
         if not class_names:
             raise ValueError("class_names is empty; expected one name (prompt) per class")
         if unet.config.num_class_embeds != len(class_names) + 1:
@@ -64,19 +66,28 @@ class ClassConditionalPolicy(DiffusionPolicy):
         lora: LoRASettings | None = None,
         gradient_checkpointing: bool = False,
         local_files_only: bool | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        compile: bool | CompileMode = False,
     ) -> ClassConditionalPolicy:
-        """Load ``unet/``, ``scheduler/`` and ``class_names.json`` written by :meth:`save_pretrained`."""
+        """Load ``unet/``, ``scheduler/`` and ``class_names.json`` written by :meth:`save_pretrained`.
+
+        ``torch_dtype`` (a dtype or its name; ``None``: as saved) is the UNet's base weights' dtype;
+        LoRA (or the whole UNet under full fine-tuning) is trained in float32.
+        """
         check_source(pretrained_model_name_or_path, ["unet", "scheduler"])
         kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
+        torch_dtype = resolve_dtype(torch_dtype)
+        weights = kwargs if torch_dtype is None else {**kwargs, "torch_dtype": torch_dtype}
         names_file = Path(pretrained_model_name_or_path) / CLASS_NAMES_FILE
         if not names_file.is_file():
             raise FileNotFoundError(f"'{names_file}' is missing; save the model with save_pretrained")
         return cls(
-            load_component(UNet2DModel, pretrained_model_name_or_path, "unet", **kwargs),
+            load_component(UNet2DModel, pretrained_model_name_or_path, "unet", **weights),
             load_component(DDIMScheduler, pretrained_model_name_or_path, "scheduler", **kwargs),
             json.loads(names_file.read_text()),
             lora=lora,
             gradient_checkpointing=gradient_checkpointing,
+            compile=compile,
         )
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -107,7 +118,8 @@ class ClassConditionalPolicy(DiffusionPolicy):
 
     def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
         """UNet output for the class labels of ``conditions``."""
-        return self.unet(sample, timesteps, class_labels=conditions["class_labels"].long()).sample
+        labels = conditions["class_labels"].long()
+        return self.run_denoiser(sample, timesteps, class_labels=labels, return_dict=False)[0]
 
     def decode(self, sample: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` from pixel samples in ``[-1, 1]``."""

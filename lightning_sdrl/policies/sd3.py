@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
 from lightning_sdrl.policies.architectures import SD3ArchitectureName, sd3_components
-from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.policies.base import CompileMode, DiffusionPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.flow_kernels import FlowSDEStep, FlowSDEVariant
 from lightning_sdrl.policies.loading import (
@@ -136,6 +136,7 @@ class SD3Policy(DiffusionPolicy):
             (coefficients-preserving sampling, Wang & Yu 2025; its last step is deterministic).
         max_sequence_length: T5 tokens per prompt (the pipeline's default 256; at most 512). The
             prompt embeddings have ``tokenizer.model_max_length + max_sequence_length`` tokens.
+        compile: ``torch.compile`` the transformer call (``True`` or a mode; see :class:`DiffusionPolicy`).
     """
 
     denoiser_name = "transformer"
@@ -149,8 +150,9 @@ class SD3Policy(DiffusionPolicy):
         width: int | None = None,
         max_sequence_length: int = 256,
         sampler: FlowSDEVariant = "sde",
+        compile: bool | CompileMode = False,
     ) -> None:
-        super().__init__(lora=lora, gradient_checkpointing=gradient_checkpointing)
+        super().__init__(lora=lora, gradient_checkpointing=gradient_checkpointing, compile=compile)
         if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(
                 f"max_sequence_length={max_sequence_length}; expected 1..{MAX_SEQUENCE_LENGTH} T5 tokens (SD3 uses 256)"
@@ -258,7 +260,7 @@ class SD3Policy(DiffusionPolicy):
     def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
         """The transformer's velocity prediction at latents ``sample`` (``timesteps`` are ``1000 sigma``)."""
         dtype = self.transformer.dtype
-        return self.transformer(
+        return self.run_denoiser(
             hidden_states=sample.to(dtype),
             timestep=timesteps,
             encoder_hidden_states=conditions["encoder_hidden_states"].to(dtype),
@@ -293,6 +295,7 @@ class StableDiffusion3Policy(SD3Policy):
         width: image width in pixels.
         max_sequence_length: T5 tokens per prompt.
         sampler: ``"sde"`` (Flow-GRPO) or ``"cps"`` (coefficients-preserving sampling).
+        compile: ``torch.compile`` the transformer call (``True`` or a mode; see :class:`DiffusionPolicy`).
     """
 
     def __init__(
@@ -309,6 +312,7 @@ class StableDiffusion3Policy(SD3Policy):
         width: int | None = None,
         max_sequence_length: int = 256,
         sampler: FlowSDEVariant = "sde",
+        compile: bool | CompileMode = False,
     ) -> None:
         components = load_sd3_components(
             pretrained_model_name_or_path, revision, variant, local_files_only, use_t5, torch_dtype
@@ -321,6 +325,7 @@ class StableDiffusion3Policy(SD3Policy):
             width=width,
             max_sequence_length=max_sequence_length,
             sampler=sampler,
+            compile=compile,
         )
         self.pretrained_model_name_or_path = pretrained_model_name_or_path
 
@@ -343,6 +348,7 @@ class RandomStableDiffusion3Policy(SD3Policy):
         sampler: ``"sde"`` (Flow-GRPO) or ``"cps"`` (coefficients-preserving sampling).
         torch_dtype: cast the networks to it (e.g. ``torch.bfloat16``); ``None`` keeps float32.
         device: build the networks there (e.g. ``"cuda"``: initialised on the GPU).
+        compile: ``torch.compile`` the transformer call (``True`` or a mode; see :class:`DiffusionPolicy`).
     """
 
     def __init__(
@@ -357,6 +363,7 @@ class RandomStableDiffusion3Policy(SD3Policy):
         sampler: FlowSDEVariant = "sde",
         torch_dtype: str | torch.dtype | None = None,
         device: torch.device | str | None = None,
+        compile: bool | CompileMode = False,
     ) -> None:
         super().__init__(
             sd3_components(architecture, seed, dtype=resolve_dtype(torch_dtype), device=device),
@@ -366,4 +373,5 @@ class RandomStableDiffusion3Policy(SD3Policy):
             width=width,
             max_sequence_length=max_sequence_length,
             sampler=sampler,
+            compile=compile,
         )
