@@ -259,7 +259,7 @@ class SD3Policy(DiffusionPolicy):
 
     def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
         """The transformer's velocity prediction at latents ``sample`` (``timesteps`` are ``1000 sigma``)."""
-        dtype = self.transformer.dtype
+        dtype = self.dtype
         return self.run_denoiser(
             hidden_states=sample.to(dtype),
             timestep=timesteps,

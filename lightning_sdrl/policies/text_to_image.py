@@ -141,7 +141,7 @@ class TextToImagePolicy(DiffusionPolicy):
 
     def denoise(self, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
         """UNet output given the text embeddings of ``conditions``."""
-        hidden = conditions["encoder_hidden_states"].to(self.unet.dtype)
+        hidden = conditions["encoder_hidden_states"].to(self.dtype)
         return self.run_denoiser(sample, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
 
     def decode(self, sample: Tensor) -> Tensor:
