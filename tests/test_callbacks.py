@@ -1,6 +1,5 @@
 import json
 
-import lightning.pytorch as pl
 import pytest
 
 from lightning_sdrl.callbacks import AttributeTracker, classified_ratio
@@ -10,6 +9,7 @@ from lightning_sdrl.functional.advantages import PerPromptAdvantages
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
 from lightning_sdrl.rewards.attribute import BalanceReward
+from tests.modules.test_ddpo import tiny_trainer
 
 
 def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
@@ -25,18 +25,7 @@ def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
         save_trained_on_end=False,
     )
     tracker = AttributeTracker(num_grid_images=4)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[tracker],
-    )
+    trainer = tiny_trainer(tmp_path, epochs=2, callbacks=[tracker])
     trainer.fit(module, SamplingDataModule(prompts=["a digit with a loop"], batch_size=4, num_batches_per_epoch=1))
     summary = json.loads((tmp_path / "attributes.json").read_text())
     assert [r["epoch"] for r in summary["history"]] == [0, 1]
@@ -71,18 +60,7 @@ def test_attribute_tracker_eval_samples_use_the_same_noise_every_epoch(tmp_path)
         optimizer=lambda p: torch.optim.SGD(p, lr=10.0),
     )
     tracker = AttributeTracker(num_grid_images=4, eval_samples=6, eval_seed=7, threshold=0.3)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[tracker],
-    )
+    trainer = tiny_trainer(tmp_path, epochs=2, callbacks=[tracker])
     trainer.fit(module, SamplingDataModule(prompts=["a digit with a loop"], batch_size=4, num_batches_per_epoch=1))
     last = tracker.history[-1]["eval_shares"]
     assert abs(sum(last.values()) - 1) < 1e-6
@@ -124,18 +102,7 @@ def test_attribute_tracker_per_prompt_records_each_prompt_with_its_own_columns(t
         optimizer=lambda p: torch.optim.SGD(p, lr=10.0),
     )
     tracker = AttributeTracker(num_grid_images=4, eval_samples=6, eval_seed=7, threshold=0.3, per_prompt=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[tracker],
-    )
+    trainer = tiny_trainer(tmp_path, epochs=2, callbacks=[tracker])
     data = SamplingDataModule(prompts=prompts, batch_size=8, num_batches_per_epoch=1, group_size=4)
     trainer.fit(module, data)
     record = tracker.history[-1]

@@ -367,8 +367,8 @@ class DiffusionPolicy(nn.Module, abc.ABC):
             keep_means: also keep each step's Gaussian mean (``Trajectory.means``).
             sde_steps: ``[T]`` bool, the steps to sample stochastically; the others take the
                 kernel's deterministic step (``eta = 0``) and get no log-prob (Flow-GRPO-Fast's
-                SDE window). ``None``: every step. A step whose Gaussian has zero std (the last
-                step of CPS sampling) is deterministic too.
+                SDE window). ``None``: every step. A step the kernel says has no noise
+                (:meth:`~.kernels.StepKernel.is_stochastic`: CPS's last step) is deterministic too.
         """
         if not prompts:
             raise ValueError("prompts is empty; expected at least one prompt to sample")
@@ -384,12 +384,13 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         latents, log_probs, means, stochastic = [x], [], [], []
         both = self._guidance_conditions(conditions, guidance_scale)
         # The step math reads timesteps on the CPU (no device synchronisation per step).
+        # which steps draw noise, decided once from the schedule (no per-step device reads)
+        window = [True] * num_steps if sde_steps is None else sde_steps.tolist()
+        stochastic_steps = [bool(w) and self.kernel.is_stochastic(j, eta) for j, w in enumerate(window)]
         for j, (t, t_cpu) in enumerate(zip(timesteps, self.kernel.scheduler.timesteps, strict=True)):
             model_output = self._guided(x, t.expand(batch), both, guidance_scale)
-            noisy = eta > 0 and (sde_steps is None or bool(sde_steps[j]))
+            noisy = stochastic_steps[j]
             dist = self.kernel.distribution(model_output, t_cpu, x, eta if noisy else 0.0)
-            # std is a CPU scalar for a shared CPU timestep: this check costs no synchronisation
-            noisy = noisy and not (dist.std.device.type == "cpu" and bool((dist.std <= 0).any()))
             if noisy:
                 x, log_prob = sample_step(dist, x.dtype, generator)
             else:

@@ -62,6 +62,10 @@ class FlowSDEStep:
             self.scheduler.set_timesteps(num_steps)
         return self.scheduler.timesteps
 
+    def is_stochastic(self, step: int, eta: float) -> bool:
+        """``eta > 0``, except CPS's step to sigma 0 (std ``0 * sin(...)``); the SDE's last step has noise."""
+        return eta > 0 and (self.variant == "sde" or float(self.scheduler.sigmas[step + 1]) > 0)
+
     def distribution(self, model_output: Tensor, timestep: Tensor, sample: Tensor, eta: float) -> StepDistribution:
         """The step's Gaussian, with ``noise_level=eta``.
 

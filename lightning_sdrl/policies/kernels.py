@@ -4,7 +4,7 @@ A policy's sampling loop asks its kernel for the Gaussian of each step given the
 sampling, log-probabilities and exact KLs then follow from
 :mod:`lightning_sdrl.functional.gaussian`, the same for every kernel. A kernel owns its diffusers
 scheduler, which stays the source of the noise schedule. To add a sampler (a flow-matching SDE, say)
-write one class with the three members of :class:`StepKernel`.
+write one class with the four members of :class:`StepKernel`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ class StepKernel(Protocol):
 
     def set_timesteps(self, num_steps: int) -> Tensor:
         """Set ``num_steps`` inference steps; returns the timesteps ``[T]`` (on the CPU)."""
+        ...
+
+    def is_stochastic(self, step: int, eta: float) -> bool:
+        """Whether step ``step`` (an index into the set timesteps) draws noise at noise weight ``eta``.
+
+        A step that does not (``eta = 0``, CPS's last step to sigma 0) has std 0 and no density:
+        the sampler takes its mean, stores log-prob 0 and never trains on it.
+        """
         ...
 
     def distribution(self, model_output: Tensor, timestep: Tensor, sample: Tensor, eta: float) -> StepDistribution:
@@ -70,6 +78,10 @@ class DDIMStep:
         if self.scheduler.num_inference_steps != num_steps:
             self.scheduler.set_timesteps(num_steps)
         return self.scheduler.timesteps
+
+    def is_stochastic(self, step: int, eta: float) -> bool:
+        """Every DDIM step with ``eta > 0`` has positive variance (also the last, see ``ddim_step_distribution``)."""
+        return eta > 0
 
     def distribution(self, model_output: Tensor, timestep: Tensor, sample: Tensor, eta: float) -> StepDistribution:
         """:func:`~lightning_sdrl.functional.ddim.ddim_step_distribution` of the step."""

@@ -61,6 +61,19 @@ def check_source(pretrained_model_name_or_path: str, subfolders: list[str]) -> N
         )
 
 
+def hub_kwargs(revision: str | None, local_files_only: bool | None) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments every component of a model shares (``local_files_only`` only if set).
+
+    Example:
+        >>> hub_kwargs("main", None)
+        {'revision': 'main'}
+    """
+    kwargs: dict[str, Any] = {"revision": revision}
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    return kwargs
+
+
 def load_component(cls: Any, pretrained_model_name_or_path: str, subfolder: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained(path, subfolder=...)`` with an actionable error when it fails."""
     local = Path(pretrained_model_name_or_path).expanduser().is_dir()

@@ -25,6 +25,7 @@ from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.flow_kernels import FlowSDEStep, FlowSDEVariant
 from lightning_sdrl.policies.loading import (
     check_source,
+    hub_kwargs,
     load_clip_tokenizer,
     load_component,
     load_t5_tokenizer,
@@ -91,9 +92,7 @@ def load_sd3_components(
                 "to run without T5 (zero T5 embeddings, as StableDiffusion3Pipeline with text_encoder_3=None), or "
                 "point to a directory that has it"
             )
-    kwargs = {"revision": revision}
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
+    kwargs = hub_kwargs(revision, local_files_only)
     diffusers_weights, transformers_weights = {**kwargs, "variant": variant}, {**kwargs, "variant": variant}
     torch_dtype = resolve_dtype(torch_dtype)
     if torch_dtype is not None:  # diffusers names the argument torch_dtype, transformers 5 dtype

@@ -14,7 +14,7 @@ from lightning_sdrl.policies.base import CompileMode, DiffusionPolicy, cast_froz
 from lightning_sdrl.policies.components import TextToImageComponents
 from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.kernels import DDIMStep
-from lightning_sdrl.policies.loading import check_source, load_clip_tokenizer, load_component, resolve_dtype
+from lightning_sdrl.policies.loading import check_source, hub_kwargs, load_clip_tokenizer, load_component, resolve_dtype
 from lightning_sdrl.policies.lora import LoRASettings
 from lightning_sdrl.policies.tokenizers import token_ids
 
@@ -48,9 +48,7 @@ def load_text_to_image_components(
     """
     required = ["unet", "text_encoder", "tokenizer", "scheduler"]
     check_source(pretrained_model_name_or_path, required)
-    kwargs = {"revision": revision}
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
+    kwargs = hub_kwargs(revision, local_files_only)
     local = Path(pretrained_model_name_or_path).expanduser()
     has_vae = not local.is_dir() or (local / "vae").is_dir()
     diffusers_weights, transformers_weights = {**kwargs, "variant": variant}, {**kwargs, "variant": variant}

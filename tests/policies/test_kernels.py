@@ -29,6 +29,9 @@ class FixedVarianceStep:
         self.scheduler.set_timesteps(num_steps)
         return self.scheduler.timesteps
 
+    def is_stochastic(self, step, eta):
+        return True
+
     def distribution(self, model_output, timestep, sample, eta):
         mean = sample.float() - 0.1 * model_output.float()
         std = torch.full((sample.shape[0], *([1] * (sample.ndim - 1))), STD)
