@@ -95,3 +95,18 @@ def test_any_scheduler_config_is_read_as_a_flow_match_scheduler_and_repr():
     kernel = FlowSDEStep(DDIMScheduler(num_train_timesteps=1000))
     assert isinstance(kernel.scheduler, FlowMatchEulerDiscreteScheduler)
     assert repr(FlowSDEStep(sd3_scheduler(), "cps")) == "FlowSDEStep(variant='cps', shift=3.0)"
+
+
+def test_is_stochastic_marks_only_cps_last_step_and_eta_zero_deterministic():
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sde, cps = FlowSDEStep(scheduler, "sde"), FlowSDEStep(scheduler, "cps")
+    for kernel in (sde, cps):
+        kernel.set_timesteps(5)
+    assert [sde.is_stochastic(j, 0.7) for j in range(5)] == [True] * 5
+    assert [cps.is_stochastic(j, 0.7) for j in range(5)] == [True] * 4 + [False]
+    assert not any(kernel.is_stochastic(j, 0.0) for kernel in (sde, cps) for j in range(5))
+    # and it agrees with the std the kernel computes
+    x = torch.randn(2, 4)
+    for kernel in (sde, cps):
+        stds = [float(kernel.distribution(x, t, x, 0.7).std.max()) for t in kernel.scheduler.timesteps]
+        assert [s > 0 for s in stds] == [kernel.is_stochastic(j, 0.7) for j in range(5)]
