@@ -7,6 +7,10 @@ whose tiny-noise limit is the pipeline's Euler ODE. Classifier-free guidance, tr
 log-probs, LoRA and ``save_trained`` come from :class:`~lightning_sdrl.policies.base.DiffusionPolicy`;
 LoRA files carry ``transformer.``-prefixed keys that ``StableDiffusion3Pipeline.load_lora_weights``
 reads.
+
+A model without a VAE (a local directory without ``vae/``, or ``SD3Components(vae=None)``) is a
+pixel-space flow model: the transformer denoises images in ``[-1, 1]`` directly (the flow-matching
+digits architecture, :mod:`~lightning_sdrl.policies.pixel_flow`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ def load_sd3_components(
 ) -> SD3Components:
     """Load a Stable Diffusion 3 model's components (without T5 when ``use_t5=False``).
 
+    A local directory without a ``vae`` subfolder is a pixel-space model (``vae=None``), as for
+    :func:`~lightning_sdrl.policies.text_to_image.load_text_to_image_components`.
+
     Args:
         pretrained_model_name_or_path: hub id (``stabilityai/stable-diffusion-3.5-medium``) or a
             local directory in the diffusers layout.
@@ -81,9 +88,10 @@ def load_sd3_components(
             ``text_encoder_3/`` is missing.
         OSError: a component cannot be loaded, or a tokenizer has no vocabulary.
     """
-    required = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
+    required = ["transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
     check_source(pretrained_model_name_or_path, required)
     local = Path(pretrained_model_name_or_path).expanduser()
+    has_vae = not local.is_dir() or (local / "vae").is_dir()
     if use_t5 and local.is_dir():
         missing = [sub for sub in ("text_encoder_3", "tokenizer_3") if not (local / sub).is_dir()]
         if missing:
@@ -104,7 +112,7 @@ def load_sd3_components(
         tokenizer_3 = load_t5_tokenizer(path, "tokenizer_3", **kwargs)
     return SD3Components(
         transformer=load_component(SD3Transformer2DModel, path, "transformer", **diffusers_weights),
-        vae=load_component(AutoencoderKL, path, "vae", **diffusers_weights),
+        vae=load_component(AutoencoderKL, path, "vae", **diffusers_weights) if has_vae else None,
         text_encoder=load_component(CLIPTextModelWithProjection, path, "text_encoder", **transformers_weights),
         text_encoder_2=load_component(CLIPTextModelWithProjection, path, "text_encoder_2", **transformers_weights),
         tokenizer=load_clip_tokenizer(path, "tokenizer", **kwargs),
@@ -112,6 +120,57 @@ def load_sd3_components(
         scheduler=load_component(FlowMatchEulerDiscreteScheduler, path, "scheduler", **kwargs),
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+
+
+def _clip_embeddings(
+    text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer, prompts: list[str], max_length: int
+) -> tuple[Tensor, Tensor]:
+    """Penultimate hidden states ``[B, L, D]`` and projected pooled embedding ``[B, P]`` of one CLIP."""
+    ids = token_ids(tokenizer, prompts, text_encoder.device, max_length=max_length)
+    output = text_encoder(ids, output_hidden_states=True)
+    return output.hidden_states[-2], output.text_embeds
+
+
+def encode_sd3_prompts(components: SD3Components, prompts: list[str], max_sequence_length: int) -> Conditioning:
+    """SD3's prompt embeddings, as ``StableDiffusion3Pipeline.encode_prompt`` computes them.
+
+    Differentiable in the text encoders' weights (pretraining trains them; the policy calls it
+    under ``torch.no_grad``). Both CLIPs read ``tokenizer``'s max length (the pipeline's
+    ``tokenizer_max_length``).
+
+    Args:
+        components: the model (its text encoders, tokenizers and transformer config are read).
+        prompts: the ``B`` prompts.
+        max_sequence_length: T5 tokens per prompt (without T5: that many zero embeddings).
+
+    Returns:
+        ``encoder_hidden_states`` ``[B, L + max_sequence_length, D_T5]``: CLIP-L's and CLIP-G's
+        penultimate hidden states side by side, zero-padded to T5's width (the transformer's
+        ``joint_attention_dim``), followed by T5's last hidden state; ``pooled_projections``
+        ``[B, P_L + P_G]``: both CLIPs' projected pooled embeddings side by side.
+
+    Raises:
+        ValueError: ``prompts`` is empty.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty; expected at least one prompt")
+    first = components.text_encoder
+    length = components.tokenizer.model_max_length
+    clip_l, pooled_l = _clip_embeddings(first, components.tokenizer, prompts, length)
+    clip_g, pooled_g = _clip_embeddings(components.text_encoder_2, components.tokenizer_2, prompts, length)
+    clip = torch.cat([clip_l.to(first.dtype), clip_g.to(first.dtype)], dim=-1)
+    if components.text_encoder_3 is None:
+        shape = (len(prompts), max_sequence_length, components.transformer.config.joint_attention_dim)
+        t5 = torch.zeros(shape, device=first.device, dtype=first.dtype)
+    else:
+        encoder = components.text_encoder_3
+        ids = token_ids(components.tokenizer_3, prompts, encoder.device, max_length=max_sequence_length)
+        t5 = encoder(ids)[0]
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return Conditioning(
+        encoder_hidden_states=torch.cat([clip, t5], dim=-2),
+        pooled_projections=torch.cat([pooled_l, pooled_g], dim=-1),
     )
 
 
@@ -201,7 +260,9 @@ class SD3Policy(DiffusionPolicy):
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent along each side: ``2 ** (levels - 1)`` of the VAE, as the pipeline computes it."""
+        """Pixels per latent along each side: ``2 ** (levels - 1)`` of the VAE, as the pipeline has it (1: no VAE)."""
+        if self.vae is None:
+            return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -210,44 +271,10 @@ class SD3Policy(DiffusionPolicy):
         factor = self.vae_scale_factor
         return (self.transformer.config.in_channels, self.height // factor, self.width // factor)
 
-    def _clip_embeddings(
-        self, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer, prompts: list[str]
-    ) -> tuple[Tensor, Tensor]:
-        """Penultimate hidden states ``[B, L, D]`` and projected pooled embedding ``[B, P]`` of one CLIP."""
-        # Both CLIPs read tokenizer's max length (the pipeline's tokenizer_max_length).
-        ids = token_ids(tokenizer, prompts, text_encoder.device, max_length=self.tokenizer.model_max_length)
-        output = text_encoder(ids, output_hidden_states=True)
-        return output.hidden_states[-2].to(self.text_encoder.dtype), output.text_embeds
-
-    def _t5_embeddings(self, prompts: list[str]) -> Tensor:
-        """T5's last hidden state ``[B, max_sequence_length, D]`` (without T5: zeros, D the joint width)."""
-        if self.text_encoder_3 is None:
-            shape = (len(prompts), self.max_sequence_length, self.transformer.config.joint_attention_dim)
-            return torch.zeros(shape, device=self.text_encoder.device, dtype=self.text_encoder.dtype)
-        ids = token_ids(self.tokenizer_3, prompts, self.text_encoder_3.device, max_length=self.max_sequence_length)
-        return self.text_encoder_3(ids)[0]
-
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """SD3's prompt embeddings, as ``StableDiffusion3Pipeline.encode_prompt`` computes them.
-
-        Returns:
-            ``encoder_hidden_states`` ``[B, L + max_sequence_length, D_T5]``: CLIP-L's and CLIP-G's
-            penultimate hidden states side by side, zero-padded to T5's width, followed by T5's
-            last hidden state; ``pooled_projections`` ``[B, P_L + P_G]``: both CLIPs' projected
-            pooled embeddings side by side.
-        """
-        if not prompts:
-            raise ValueError("prompts is empty; expected at least one prompt")
+        """SD3's prompt embeddings (:func:`encode_sd3_prompts`), without gradients."""
         with torch.no_grad():
-            clip_l, pooled_l = self._clip_embeddings(self.text_encoder, self.tokenizer, prompts)
-            clip_g, pooled_g = self._clip_embeddings(self.text_encoder_2, self.tokenizer_2, prompts)
-            t5 = self._t5_embeddings(prompts)
-            clip = torch.cat([clip_l, clip_g], dim=-1)
-            clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-            return Conditioning(
-                encoder_hidden_states=torch.cat([clip, t5], dim=-2),
-                pooled_projections=torch.cat([pooled_l, pooled_g], dim=-1),
-            )
+            return encode_sd3_prompts(self.components(), prompts, self.max_sequence_length)
 
     def null_condition(self, batch_size: int) -> Conditioning:
         """Embeddings of the empty prompt (the pipeline's default negative prompt), computed once per device/dtype."""
@@ -268,7 +295,13 @@ class SD3Policy(DiffusionPolicy):
         )[0]
 
     def decode(self, sample: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]``: VAE decoding of ``latents / scaling_factor + shift_factor``."""
+        """Images ``[B, 3, H, W]`` in ``[0, 1]``: VAE decoding of ``latents / scaling_factor + shift_factor``.
+
+        Without a VAE the sample is the image in ``[-1, 1]`` (one channel is repeated on three).
+        """
+        if self.vae is None:
+            images = (sample.float() / 2 + 0.5).clamp(0, 1)
+            return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
         config = self.vae.config
         latents = sample.to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
         images = self.vae.decode(latents).sample

@@ -17,7 +17,8 @@ class SD3Components:
 
     Attributes:
         transformer: the MMDiT denoiser (predicts the flow velocity).
-        vae: the autoencoder (latents are ``(z - shift_factor) * scaling_factor``).
+        vae: the autoencoder (latents are ``(z - shift_factor) * scaling_factor``), or ``None``
+            for a pixel-space model (the transformer denoises images in ``[-1, 1]``).
         text_encoder: CLIP ViT-L/14 with its text projection.
         text_encoder_2: OpenCLIP bigG/14 with its text projection.
         tokenizer: the CLIP tokenizer of ``text_encoder`` (its max length is both CLIPs').
@@ -28,7 +29,7 @@ class SD3Components:
     """
 
     transformer: SD3Transformer2DModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None
     text_encoder: CLIPTextModelWithProjection
     text_encoder_2: CLIPTextModelWithProjection
     tokenizer: CLIPTokenizer
