@@ -36,9 +36,12 @@ from lightning_sdrl.digits.captions import (
 from lightning_sdrl.digits.models import DigitClassifier
 from lightning_sdrl.digits.policy import DigitsPolicy
 from lightning_sdrl.functional.classifier_rewards import classify_with_threshold
+from lightning_sdrl.functional.rectified_flow import TimeSampling
 from lightning_sdrl.functional.seeding import derive_seed
+from lightning_sdrl.modules.flow_pretrain import FlowMatchingPretrainModule
 from lightning_sdrl.modules.pretrain import DiffusionPretrainModule
 from lightning_sdrl.policies.pixel import PixelTextToImageArchitecture
+from lightning_sdrl.policies.pixel_flow import PixelFlowArchitecture
 from lightning_sdrl.policies.text_to_image import TextToImagePolicy
 
 CONFIDENCE_THRESHOLD = 0.7
@@ -105,17 +108,38 @@ def sample_and_classify(
     return evaluate_classes(torch.cat(probs), prompt), torch.cat(images)
 
 
-# ---------------------------------------------------------------------- the LightningModule
-class DigitsPretrainModule(DiffusionPretrainModule):
-    """Denoising pretraining of the digits model, validated by the shipped digit classifier.
+# ---------------------------------------------------------------------- the LightningModules
+class DigitAgreementValidation:
+    """Validation of a digits model by the shipped classifier (mixed into a pretraining module).
+
+    Validation batches are :class:`~lightning_sdrl.data.sampling.PromptBatch` es of per-digit
+    prompts whose ``prompt_ids`` are the digits: the module samples them
+    (``sample_validation_batch``) and the shipped
+    :class:`~lightning_sdrl.digits.models.DigitClassifier` says how many show the named digit
+    (``val/digit_agreement``, top probability at least 0.7) and how sure it is (``val/confidence``).
+    """
+
+    def load_classifier(self) -> None:
+        """Attach the frozen classifier (in eval mode throughout: its dropout stays off)."""
+        self.classifier = DigitClassifier.from_pretrained().requires_grad_(False)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Sample the batch's digit prompts and log how many the classifier recognises."""
+        trajectory = self.sample_validation_batch(batch)
+        probs = self.classifier.predict_proba(trajectory.images)
+        labels = classify_with_threshold(probs, CONFIDENCE_THRESHOLD)
+        agreement = (labels == batch.prompt_ids.to(labels.device)).float().mean()
+        self.log("val/digit_agreement", agreement, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        self.log("val/confidence", probs.max(dim=1).values.mean(), batch_size=len(batch), sync_dist=True)
+
+
+class DigitsPretrainModule(DigitAgreementValidation, DiffusionPretrainModule):
+    """Denoising pretraining of the DDIM digits model, validated by the shipped digit classifier.
 
     Training is :class:`~lightning_sdrl.modules.pretrain.DiffusionPretrainModule`'s, on the
     :class:`~lightning_sdrl.digits.captions.CaptionBatch` es of
-    :class:`~lightning_sdrl.digits.captions.DigitsCaptionDataModule`. Validation batches are
-    :class:`~lightning_sdrl.data.sampling.PromptBatch` es of per-digit prompts whose
-    ``prompt_ids`` are the digits: the model samples them with DDIM and the shipped
-    :class:`~lightning_sdrl.digits.models.DigitClassifier` says how many show the named digit
-    (``val/digit_agreement``).
+    :class:`~lightning_sdrl.digits.captions.DigitsCaptionDataModule`; validation samples with DDIM
+    (:class:`DigitAgreementValidation`).
 
     Args:
         architecture: the model to build (default: the shipped digits model).
@@ -158,17 +182,67 @@ class DigitsPretrainModule(DiffusionPretrainModule):
             val_eta,
             export_dir,
         )
-        # Frozen, in eval mode throughout (its dropout stays off); only validation uses it.
-        self.classifier = DigitClassifier.from_pretrained().requires_grad_(False)
+        self.load_classifier()
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Sample the batch's digit prompts and log how many the classifier recognises."""
-        trajectory = self.sample_validation_batch(batch)
-        probs = self.classifier.predict_proba(trajectory.images)
-        labels = classify_with_threshold(probs, CONFIDENCE_THRESHOLD)
-        agreement = (labels == batch.prompt_ids.to(labels.device)).float().mean()
-        self.log("val/digit_agreement", agreement, prog_bar=True, batch_size=len(batch), sync_dist=True)
-        self.log("val/confidence", probs.max(dim=1).values.mean(), batch_size=len(batch), sync_dist=True)
+
+class DigitsFlowPretrainModule(DigitAgreementValidation, FlowMatchingPretrainModule):
+    """Rectified-flow pretraining of the flow-matching digits model, validated by the shipped classifier.
+
+    Training is :class:`~lightning_sdrl.modules.flow_pretrain.FlowMatchingPretrainModule`'s on the
+    same captions as the DDIM digits model; validation samples with Flow-GRPO's SDE
+    (:class:`DigitAgreementValidation`). See ``configs/digits/pretrain_flow.yaml``.
+
+    Args:
+        architecture: the model to build (default: the shipped flow-matching digits model).
+        seed: initialisation seed of the weights.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: optimiser steps of linear warm-up, before a cosine decay to a tenth of ``lr``.
+        caption_dropout: probability of training on the empty caption (for classifier-free guidance).
+        time_sampling: distribution of the training ``sigma``: ``"logit_normal"`` or ``"uniform"``.
+        logit_mean: mean of the logit-normal's Gaussian.
+        logit_std: standard deviation of the logit-normal's Gaussian.
+        max_sequence_length: zero "T5" embeddings after the CLIP tokens (the shipped model: 1).
+        val_num_steps: sampling steps of validation samples.
+        val_guidance_scale: classifier-free guidance of validation samples.
+        val_noise_level: the SDE's noise level for validation samples.
+        export_dir: where ``on_train_end`` writes the model; ``None`` writes ``<log_dir>/diffusion``.
+    """
+
+    def __init__(
+        self,
+        architecture: PixelFlowArchitecture = PixelFlowArchitecture(),  # noqa: B008 - frozen by use
+        seed: int = 0,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        caption_dropout: float = 0.1,
+        time_sampling: TimeSampling = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        max_sequence_length: int = 1,
+        val_num_steps: int = 10,
+        val_guidance_scale: float = 3.0,
+        val_noise_level: float = 0.7,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            architecture,
+            seed,
+            lr,
+            weight_decay,
+            warmup_steps,
+            caption_dropout,
+            time_sampling,
+            logit_mean,
+            logit_std,
+            max_sequence_length,
+            val_num_steps,
+            val_guidance_scale,
+            val_noise_level,
+            export_dir,
+        )
+        self.load_classifier()
 
 
 # ---------------------------------------------------------------------- the report command

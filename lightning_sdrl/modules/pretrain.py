@@ -11,7 +11,11 @@ Exponential moving averages of the weights are Lightning's ``EMAWeightAveraging`
 into the model before :meth:`DiffusionPretrainModule.on_train_end` exports it.
 
 The digits miniature's pretraining (its captions, and a digit classifier judging validation
-samples) is :class:`~lightning_sdrl.digits.pretrain.DigitsPretrainModule`, a subclass.
+samples) is :class:`~lightning_sdrl.digits.pretrain.DigitsPretrainModule`, a subclass. A subclass
+changes the model and its objective by overriding :meth:`DiffusionPretrainModule.build`,
+``networks``, ``denoising_loss``, ``components`` and ``sampling_policy``: the rectified-flow
+pretraining of an SD3-layout model is
+:class:`~lightning_sdrl.modules.flow_pretrain.FlowMatchingPretrainModule`.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightning_sdrl.data.sampling import PromptBatch
-from lightning_sdrl.policies.base import Trajectory
+from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.policies.components import TextToImageComponents
 from lightning_sdrl.policies.pixel import PixelTextToImageArchitecture, pixel_text_to_image_components
 from lightning_sdrl.policies.text_to_image import TextToImagePolicy
@@ -174,23 +178,45 @@ class DiffusionPretrainModule(pl.LightningModule):
         if lr <= 0 or warmup_steps < 0:
             raise ValueError(f"lr={lr}, warmup_steps={warmup_steps}; expected lr > 0 and warmup_steps >= 0")
         self.save_hyperparameters()
+        self.build(architecture, seed)
+
+    # ------------------------------------------------------------------ what a subclass changes
+    def build(self, architecture: PixelTextToImageArchitecture, seed: int) -> None:
+        """Create the randomly initialised networks of ``architecture`` as attributes."""
         components = pixel_text_to_image_components(architecture, seed)
         self.unet: UNet2DConditionModel = components.unet
         self.text_encoder: CLIPTextModel = components.text_encoder.train()  # it trains too
         self.tokenizer, self.scheduler = components.tokenizer, components.scheduler
 
+    def networks(self) -> list[nn.Module]:
+        """The networks that train, in the optimiser's parameter order."""
+        return [self.unet, self.text_encoder]
+
+    def denoising_loss(self, batch: CaptionedImages) -> Tensor:
+        """DDPM's epsilon-prediction loss of one batch, with caption dropout."""
+        captions = drop_captions(batch.captions, self.hparams.caption_dropout)
+        conditions = encode_captions(self.text_encoder, self.tokenizer, captions)
+        noised = forward_diffusion(self.scheduler, batch.images)
+        predicted = self.unet(noised.noisy, noised.timesteps, encoder_hidden_states=conditions).sample
+        return epsilon_loss(predicted, noised.noise)
+
+    @property
+    def validation_eta(self) -> float:
+        """The sampler's noise weight for validation samples (``val_eta``)."""
+        return self.hparams.val_eta
+
     def components(self) -> TextToImageComponents:
         """The model being trained (pixel space: no VAE)."""
         return TextToImageComponents(self.unet, self.text_encoder, self.tokenizer, self.scheduler, vae=None)
 
-    def sampling_policy(self) -> TextToImagePolicy:
+    def sampling_policy(self) -> DiffusionPolicy:
         """A frozen copy of the current model as a policy, to sample from."""
         return TextToImagePolicy(copy.deepcopy(self.components()), lora=None).eval()
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self) -> dict:
-        """AdamW over UNet and text encoder, warm-up then cosine decay per optimiser step."""
-        params = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        """AdamW over the :meth:`networks`, warm-up then cosine decay per optimiser step."""
+        params = [parameter for network in self.networks() for parameter in network.parameters()]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -199,12 +225,8 @@ class DiffusionPretrainModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def training_step(self, batch: CaptionedImages, batch_idx: int) -> Tensor:
-        """Epsilon-prediction loss of one batch of captioned images."""
-        captions = drop_captions(batch.captions, self.hparams.caption_dropout)
-        conditions = encode_captions(self.text_encoder, self.tokenizer, captions)
-        noised = forward_diffusion(self.scheduler, batch.images)
-        predicted = self.unet(noised.noisy, noised.timesteps, encoder_hidden_states=conditions).sample
-        loss = epsilon_loss(predicted, noised.noise)
+        """The :meth:`denoising_loss` of one batch of captioned images."""
+        loss = self.denoising_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -213,7 +235,7 @@ class DiffusionPretrainModule(pl.LightningModule):
         policy = self.sampling_policy()
         generator = torch.Generator(self.device).manual_seed(batch.seed)
         return policy.sample(
-            batch.prompts, self.hparams.val_num_steps, self.hparams.val_eta, self.hparams.val_guidance_scale, generator
+            batch.prompts, self.hparams.val_num_steps, self.validation_eta, self.hparams.val_guidance_scale, generator
         )
 
     def on_train_end(self) -> None:
