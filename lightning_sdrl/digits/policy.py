@@ -11,6 +11,8 @@ pretrained weights shipped in ``lightning_sdrl/digits/assets/diffusion`` with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -23,6 +25,31 @@ DIGITS_DIFFUSION_DIR = Path(__file__).resolve().parent / "assets" / "diffusion"
 
 PRETRAIN_COMMAND = "python -m lightning_sdrl fit -c configs/digits/pretrain.yaml"
 """The command that trains the shipped model (it exports to ``runs/digits_pretrain/diffusion``)."""
+
+
+@contextmanager
+def explain_load_errors(owner: str, path: str, command: str, export_dir: str) -> Iterator[None]:
+    """Turn a failed load of a shipped digits model into one error that names the fix.
+
+    Args:
+        owner: the loading class, for the message.
+        path: the directory being loaded.
+        command: the command that retrains the model.
+        export_dir: where ``command`` writes the model.
+
+    Raises:
+        FileNotFoundError: the load raised one (a missing directory or component).
+        OSError: any other load failure (a corrupt or inconsistent file).
+    """
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        kind = FileNotFoundError if isinstance(error, FileNotFoundError) else OSError
+        raise kind(
+            f"{owner} could not load the digits diffusion model from '{path}' ({type(error).__name__}: "
+            f"{error}). Fix: re-install lightning_sdrl to restore the shipped files, or retrain the model "
+            f"with `{command}` and pass its export directory ({export_dir}) as pretrained_model_name_or_path."
+        ) from error
 
 
 class DigitsPolicy(StableDiffusionPolicy):
@@ -56,7 +83,7 @@ class DigitsPolicy(StableDiffusionPolicy):
         gradient_checkpointing: bool = False,
     ) -> None:
         path = str(DIGITS_DIFFUSION_DIR if pretrained_model_name_or_path is None else pretrained_model_name_or_path)
-        try:
+        with explain_load_errors("DigitsPolicy", path, PRETRAIN_COMMAND, "runs/digits_pretrain/diffusion"):
             super().__init__(path, local_files_only=True, lora=lora, gradient_checkpointing=gradient_checkpointing)
             positions = self.text_encoder.config.max_position_embeddings
             if self.tokenizer.model_max_length != positions:
@@ -64,11 +91,3 @@ class DigitsPolicy(StableDiffusionPolicy):
                     f"tokenizer/ pads prompts to {self.tokenizer.model_max_length} tokens but the text "
                     f"encoder has {positions} positions (is tokenizer/tokenizer_config.json missing?)"
                 )
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-            kind = FileNotFoundError if isinstance(error, FileNotFoundError) else OSError
-            raise kind(
-                f"DigitsPolicy could not load the digits diffusion model from '{path}' "
-                f"({type(error).__name__}: {error}). Fix: re-install lightning_sdrl to restore the "
-                f"shipped files, or retrain the model with `{PRETRAIN_COMMAND}` and pass its export "
-                "directory (runs/digits_pretrain/diffusion) as pretrained_model_name_or_path."
-            ) from error

@@ -10,6 +10,8 @@ Also a command that measures a trained digits model and writes its report (the n
 ``docs/digits_model.md``)::
 
     python -m lightning_sdrl.digits.pretrain --model-dir DIR --report REPORT.json --figure GRID.png
+
+(``--model flow`` measures the flow-matching model, ``docs/digits_flow_model.md``.)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from lightning_sdrl.digits.captions import (
     SHIFT_PROMPT,
     digit_captions,
 )
+from lightning_sdrl.digits.flow_policy import DigitsFlowPolicy
 from lightning_sdrl.digits.models import DigitClassifier
 from lightning_sdrl.digits.policy import DigitsPolicy
 from lightning_sdrl.functional.classifier_rewards import classify_with_threshold
@@ -253,6 +256,10 @@ TEST_CHECK = {"prompts": [digit_captions(7)[0], BALANCE_PROMPT], "num_samples": 
 """The small fixed-seed sample whose result the report stores for the tests to reproduce."""
 
 
+FLOW_NETWORKS = ("transformer", "text_encoder", "text_encoder_2")
+"""The networks of the flow digits model whose parameters the report counts."""
+
+
 def measure_model(
     policy: TextToImagePolicy,
     num_samples: int = 256,
@@ -356,7 +363,7 @@ def save_sample_grid(images: dict[str, Tensor], path: str | Path, per_prompt: in
 def measure_speed(policy: TextToImagePolicy, repeats: int = 20) -> dict[str, float]:
     """Wall times with the current thread settings.
 
-    The median of ``repeats`` UNet forwards of 64 images, and one DDPO-sized sampling call
+    The median of ``repeats`` denoiser (UNet or transformer) forwards of 64 images, and one DDPO-sized sampling call
     (32 prompts, 20 DDIM steps, classifier-free guidance).
     """
     sample = torch.randn(64, *policy.sample_shape)
@@ -386,19 +393,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--figure", default=None, help="PNG sample grid to write")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--train-seconds", type=float, default=None, help="training wall time to record")
+    parser.add_argument(
+        "--model",
+        choices=("ddim", "flow"),
+        default="ddim",
+        help="ddim: the DDIM digits model (DigitsPolicy); flow: the flow-matching one (DigitsFlowPolicy)",
+    )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="DDIM eta / the flow SDE's noise level (default: 1.0 for ddim, 0.7 for flow)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    policy = DigitsPolicy(args.model_dir, lora=None).eval()
+    if args.model == "flow":
+        policy, networks, eta = DigitsFlowPolicy(args.model_dir, lora=None), FLOW_NETWORKS, 0.7
+    else:
+        policy, networks, eta = DigitsPolicy(args.model_dir, lora=None), ("unet", "text_encoder"), 1.0
+    policy.eval()
+    eta = eta if args.eta is None else args.eta
     start = time.perf_counter()
-    report, images = measure_model(policy, num_samples=args.num_samples)
+    report, images = measure_model(policy, num_samples=args.num_samples, eta=eta)
     report["measure_seconds"] = round(time.perf_counter() - start, 1)
     report["train_seconds"] = args.train_seconds
     report["weights_bytes"] = sum(
         p.stat().st_size for p in Path(policy.pretrained_model_name_or_path).rglob("*.safetensors")
     )
-    report["parameters"] = {
-        name: sum(p.numel() for p in getattr(policy, name).parameters()) for name in ("unet", "text_encoder")
-    }
+    report["parameters"] = {name: sum(p.numel() for p in getattr(policy, name).parameters()) for name in networks}
     report["speed"] = measure_speed(policy)
     Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     if args.figure:  # one caption per digit, and the group prompts
