@@ -52,3 +52,28 @@ def test_shift_reward_raises_the_under_represented_class(tmp_path):
     rewards = [r["reward_mean"] for r in history]
     assert history[0]["shares"]["6"] < 0.05
     assert rewards[-1] > rewards[0] + 0.1, rewards
+
+
+def test_grpo_shift_raises_the_under_represented_class_of_the_flow_model(tmp_path):
+    # configs/digits/grpo_shift.yaml (Flow-GRPO on the flow-matching digits model) in 4 epochs
+    history = run("grpo_shift.yaml", tmp_path, 4, "--model.init_args.optimizer.init_args.lr=0.05")
+    rewards = [r["reward_mean"] for r in history]
+    assert history[0]["shares"]["6"] < 0.1  # the shipped flow model's bias: "a round digit" is zeros
+    assert rewards[-1] > rewards[0] + 0.1, rewards
+
+
+def test_grpo_balance_moves_the_flow_models_biased_prompt_towards_balance(tmp_path):
+    # configs/digits/grpo_balance.yaml on 64 samples per epoch at a larger rate, 4 epochs
+    history = run(
+        "grpo_balance.yaml",
+        tmp_path,
+        4,
+        "--model.init_args.optimizer.init_args.lr=0.03",
+        "--model.init_args.lr_scheduler=null",
+        "--data.init_args.batch_size=64",
+        "--data.init_args.group_size=64",
+        "--model.init_args.train_batch_size=32",
+    )
+    ratios = [classified_ratio(r["shares"], "6+8+9") for r in history]
+    assert ratios[0] < 0.35  # "a digit with a loop" is mostly zeros
+    assert max(ratios[1:]) > ratios[0] + 0.15, ratios
