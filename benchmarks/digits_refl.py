@@ -104,7 +104,7 @@ def refl(work: Path, head: str, kl_weight: float | None = None) -> dict:
     after = evaluate(module)
     with torch.no_grad(), module.policy.reference():
         before = evaluate(module)
-    return {"kl_weight": module.hparams.kl_weight, "before": before, "after": after, "seconds": seconds}
+    return {"kl_weight": module.settings.kl_weight, "before": before, "after": after, "seconds": seconds}
 
 
 def table(reward_model: dict, result: dict) -> str:

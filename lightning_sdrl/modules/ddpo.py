@@ -35,6 +35,7 @@ from lightning_sdrl.functional.seeding import derive_seed
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, all_finite, check_checkpoint_keys, check_finite_state
+from lightning_sdrl.modules.hyperparameters import record_arguments
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.rewards.base import RewardModule, check_reward_output
 from lightning_sdrl.validation import check_positive_ints
@@ -230,6 +231,7 @@ class DDPOModule(GenerationModule):
         val_eta: float | None = None,
         evaluation: GenerationMetrics | None = None,
     ) -> None:
+        arguments = dict(locals())
         super().__init__()
         check_ddpo_arguments(
             num_steps=num_steps,
@@ -255,7 +257,8 @@ class DDPOModule(GenerationModule):
             gradient_accumulation_steps=gradient_accumulation_steps,
             timestep_batch=timestep_batch,
         )
-        self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "lr_scheduler", "evaluation", "advantages"])
+        objects = ["policy", "reward", "optimizer", "lr_scheduler", "evaluation", "advantages"]
+        self.settings = record_arguments(self, objects, arguments)
         self.keep_step_means = trust_region == "truly"
         self.evaluation = evaluation
         self.automatic_optimization = False
@@ -283,7 +286,7 @@ class DDPOModule(GenerationModule):
 
     def on_fit_start(self) -> None:
         """Keep a frozen copy of the denoiser if a reference KL is asked for under full fine-tuning."""
-        if self.hparams.kl_reference_coef > 0:
+        if self.settings.kl_reference_coef > 0:
             self.policy.keep_reference()
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -303,7 +306,7 @@ class DDPOModule(GenerationModule):
         checkpoint["stat_tracker"] = self.advantage_rule.state_dict()
         checkpoint["skipped_epochs"] = self.skipped_epochs
         checkpoint["fault_counters"] = {**self.guard.state_dict(), "dropped_samples": self.dropped_samples}
-        if self.hparams.checkpoint_trainable_only:
+        if self.settings.checkpoint_trainable_only:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         check_finite_state(checkpoint["state_dict"], "checkpoint")
@@ -329,7 +332,7 @@ class DDPOModule(GenerationModule):
 
         ``None`` (every step stochastic) when ``sde_window_size`` is 0.
         """
-        hp = self.hparams
+        hp = self.settings
         if not hp.sde_window_size:
             return None
         lo, hi = hp.sde_window_range if hp.sde_window_range is not None else (0, hp.num_steps)
@@ -408,7 +411,7 @@ class DDPOModule(GenerationModule):
         keep, weights = self._kept_rows(local)
         if keep is not None:
             trajectory, advantages = trajectory.select(keep), advantages[keep.to(advantages.device)]
-        stats = [self._inner_epoch(trajectory, advantages, k, weights) for k in range(self.hparams.num_inner_epochs)]
+        stats = [self._inner_epoch(trajectory, advantages, k, weights) for k in range(self.settings.num_inner_epochs)]
         self._log_epoch(
             {
                 "train/reward_mean": kept_rewards.mean(),
@@ -454,7 +457,7 @@ class DDPOModule(GenerationModule):
 
         ``weights`` (``[B]``, 1 or 0) marks padding rows (see :meth:`_kept_rows`) left out of the loss.
         """
-        hp = self.hparams
+        hp = self.settings
         generator = torch.Generator().manual_seed(derive_seed(self.current_epoch, inner, self.global_rank))
         num_samples, num_steps = len(trajectory), trajectory.num_steps
         order = torch.randperm(num_samples, generator=generator)
@@ -505,7 +508,7 @@ class DDPOModule(GenerationModule):
 
     def _optimizer_step(self, optimizer: Any) -> None:
         """Clip and apply the accumulated gradients, unless they are not finite (then skip and count)."""
-        hp = self.hparams
+        hp = self.settings
         fix = "Lower the learning rate (or set max_grad_norm)."
         if self.guard.check_gradients(self.policy.trainable_parameters(), fix):
             if hp.max_grad_norm is not None:
@@ -528,7 +531,7 @@ class DDPOModule(GenerationModule):
         the loss; a batch of weight-0 samples gives a zero loss that still runs backward (for
         DDP's gradient sync).
         """
-        hp = self.hparams
+        hp = self.settings
         guidance = hp.guidance_scale if hp.cfg_during_training else 1.0
         steps = step.view(len(trajectory), -1)
         per_row = steps.shape[1]
@@ -583,7 +586,7 @@ class DDPOModule(GenerationModule):
 
     # ------------------------------------------------------------------ outputs
     def _maybe_save_grid(self, trajectory: Trajectory, rewards: Tensor) -> None:
-        every = self.hparams.sample_grid_every_n_epochs
+        every = self.settings.sample_grid_every_n_epochs
         if not every or self.current_epoch % every:
             return
         path = Path(self._log_dir()) / "samples" / f"epoch_{self.current_epoch:04d}.png"  # collective

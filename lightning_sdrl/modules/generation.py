@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor
 
 from lightning_sdrl.data.sampling import PromptBatch
@@ -17,14 +18,18 @@ from lightning_sdrl.rewards.base import check_reward_output
 class GenerationModule(pl.LightningModule):
     """Base of the fine-tuning modules: ``self.policy``, ``self.reward``, optional ``self.evaluation``.
 
-    Subclasses save ``num_steps``, ``eta``, ``guidance_scale`` and ``save_trained_on_end`` as
-    hyper-parameters.
+    Subclasses set :attr:`settings` (with ``num_steps``, ``eta``, ``guidance_scale`` and
+    ``save_trained_on_end``) through :func:`~lightning_sdrl.modules.hyperparameters.record_arguments`.
     Validation samples every batch with its fixed seed, logs ``val/reward_mean`` and, with an
     ``evaluation`` (:class:`~lightning_sdrl.metrics.generation.GenerationMetrics`), ``val/fid``,
     ``val/precision``, ``val/recall`` and ``val/attribute_kl``.
     """
 
     keep_step_means = False
+    settings: AttributeDict
+    """The settings the loops read, in the algorithm's names (``num_steps``, ``eta``, ...). ``hparams``
+    holds exactly the concrete class's constructor arguments (what a checkpoint feeds back to its
+    constructor), which differ where a subclass renames or fixes arguments (GRPO's ``noise_level``)."""
 
     def _log_dir(self) -> str:
         """The run's log directory (a collective call under DDP: every rank must call it)."""
@@ -36,7 +41,7 @@ class GenerationModule(pl.LightningModule):
         Load it back with ``policy.load_trained(<log_dir>/trained)``. Non-finite weights are never
         written (``FloatingPointError``).
         """
-        if not self.hparams.get("save_trained_on_end", False):
+        if not self.settings.get("save_trained_on_end", False):
             return None
         directory = Path(self._log_dir()) / "trained"  # every rank: log_dir is a collective call
         if self.trainer.is_global_zero:
@@ -55,7 +60,7 @@ class GenerationModule(pl.LightningModule):
         Validation samples use ``val_num_steps`` and ``val_eta`` where the module has them (and
         they are set), e.g. few steps for training and more for evaluation (Flow-GRPO).
         """
-        hp = self.hparams
+        hp = self.settings
         num_steps, eta, sde_steps = hp.num_steps, hp.eta, None
         if validation:
             num_steps = hp.get("val_num_steps") or num_steps

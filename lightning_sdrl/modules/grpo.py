@@ -130,10 +130,6 @@ class GRPOModule(DDPOModule):
             val_eta=val_eta,
             evaluation=evaluation,
         )
-        # DDPO's names for what GRPO fixes or renames (LightningCLI records only GRPO's own arguments)
-        self.hparams.update(
-            eta=noise_level, kl_reference_coef=beta, trust_region="clip", kl_threshold=1e-4, rollback_coef=10.0
-        )
 
     def on_fit_start(self) -> None:
         """Refuse prompt sampling without groups; keep a reference copy for the KL under full fine-tuning."""

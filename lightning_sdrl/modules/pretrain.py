@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightning_sdrl.data.sampling import PromptBatch
+from lightning_sdrl.modules.hyperparameters import record_arguments
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.policies.components import TextToImageComponents
 from lightning_sdrl.policies.pixel import PixelTextToImageArchitecture, pixel_text_to_image_components
@@ -177,7 +178,7 @@ class DiffusionPretrainModule(pl.LightningModule):
             raise ValueError(f"caption_dropout={caption_dropout}; expected a probability in [0, 1)")
         if lr <= 0 or warmup_steps < 0:
             raise ValueError(f"lr={lr}, warmup_steps={warmup_steps}; expected lr > 0 and warmup_steps >= 0")
-        self.save_hyperparameters()
+        record_arguments(self)
         self.build(architecture, seed)
 
     # ------------------------------------------------------------------ what a subclass changes

@@ -27,6 +27,7 @@ from lightning_sdrl.functional.gaussian import gaussian_kl_same_std, sample_step
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, check_checkpoint_keys, check_finite_state
+from lightning_sdrl.modules.hyperparameters import record_arguments
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.rewards.base import RewardModule, check_reward_output
@@ -77,6 +78,7 @@ class ReFLModule(GenerationModule):
         save_trained_on_end: bool = True,
         evaluation: GenerationMetrics | None = None,
     ) -> None:
+        arguments = dict(locals())
         super().__init__()
         check_positive_ints(num_steps=num_steps)
         if not 0.0 < eta <= 1.0:
@@ -93,7 +95,7 @@ class ReFLModule(GenerationModule):
             )
         if truncated_backprop_steps is not None and not 1 <= truncated_backprop_steps <= num_steps:
             raise ValueError(f"truncated_backprop_steps={truncated_backprop_steps}; expected 1..{num_steps} or None")
-        self.save_hyperparameters(ignore=["policy", "reward", "optimizer", "evaluation"])
+        self.settings = record_arguments(self, ["policy", "reward", "optimizer", "evaluation"], arguments)
         self.evaluation = evaluation
         self.policy, self.reward, self.optimizer_factory = policy, reward, optimizer
         self.strict_loading = False
@@ -107,11 +109,11 @@ class ReFLModule(GenerationModule):
 
     def on_fit_start(self) -> None:
         """Keep a frozen reference denoiser for the KL term under full fine-tuning."""
-        if self.hparams.kl_weight > 0:
+        if self.settings.kl_weight > 0:
             self.policy.keep_reference()
 
     def _gradient_step_index(self, generator: torch.Generator) -> int:
-        hp = self.hparams
+        hp = self.settings
         if hp.truncated_backprop_steps is not None:
             return hp.num_steps - hp.truncated_backprop_steps
         low, high = hp.grad_step_range
@@ -119,17 +121,17 @@ class ReFLModule(GenerationModule):
 
     def _step_kl(self, dist: Any, sample: Tensor, timesteps: Tensor, conditions: Conditioning) -> Tensor:
         """KL(p_theta || p_pretrained) of one step, mean over the batch (0 when beta = 0)."""
-        if self.hparams.kl_weight == 0:
+        if self.settings.kl_weight == 0:
             return dist.mean.new_zeros(())
         with torch.no_grad(), self.policy.reference():
             reference = self.policy.step_distribution(
-                sample, timesteps, conditions, self.hparams.eta, self.hparams.guidance_scale
+                sample, timesteps, conditions, self.settings.eta, self.settings.guidance_scale
             )
         return gaussian_kl_same_std(dist.mean, reference.mean, dist.std).mean()
 
     def refl_loss(self, batch: PromptBatch) -> dict[str, Tensor]:
         """Loss of eq. (5) for one prompt batch, and what it is made of."""
-        hp, policy = self.hparams, self.policy
+        hp, policy = self.settings, self.policy
         generator = torch.Generator(policy.device).manual_seed(batch.seed)
         timesteps = policy.set_num_steps(hp.num_steps)
         conditions = policy.encode_prompts(batch.prompts)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_sdrl.data.imagereward_db import PreferenceBatch
 from lightning_sdrl.functional.preference import pairwise_loss, preference_accuracy
 from lightning_sdrl.modules.guards import NonFiniteGuard, check_finite_state
+from lightning_sdrl.modules.hyperparameters import record_arguments
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder, RewardHead, save_reward_head
 
 
@@ -64,7 +65,7 @@ class RewardModelModule(pl.LightningModule):
         max_consecutive_skips: int = 3,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["embedder"])
+        record_arguments(self, ["embedder"])
         self.guard = NonFiniteGuard(max_consecutive_skips, "reward model")
         self.embedder = CLIPEmbedder(clip_model_name, pretrained=clip_pretrained) if embedder is None else embedder
         self.head = RewardHead(self.embedder.embed_dim, hidden_sizes, dropout)

@@ -151,7 +151,8 @@ def test_grpo_on_a_ddim_policy_trains_with_group_advantages_and_kl(tmp_path):
         sample_grid_every_n_epochs=1,
         save_trained_on_end=False,
     )
-    assert module.hparams.eta == 1.0 and module.hparams.kl_reference_coef == 0.5
+    assert module.settings.eta == 1.0 and module.settings.kl_reference_coef == 0.5
+    assert module.hparams.noise_level == 1.0 and module.hparams.beta == 0.5 and "eta" not in module.hparams
     data = SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1, group_size=2)
     trainer = tiny_trainer(tmp_path, epochs=2)
     trainer.fit(module, data)
