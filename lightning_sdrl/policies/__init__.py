@@ -1,4 +1,4 @@
-"""Diffusion models as policies: sample trajectories with log-probs, re-score steps, LoRA, I/O."""
+"""Diffusion models as policies: sample trajectories with log-probs or final samples, re-score steps, LoRA, I/O."""
 
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.policies.class_conditional import ClassConditionalPolicy
@@ -6,6 +6,8 @@ from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.flow_kernels import FlowSDEStep
 from lightning_sdrl.policies.kernels import DDIMStep, StepKernel
 from lightning_sdrl.policies.lora import LoRASettings
+from lightning_sdrl.policies.old_policy import ParameterCopy
+from lightning_sdrl.policies.samples import Samples
 from lightning_sdrl.policies.sd3 import (
     FLOW_GRPO_LORA_TARGET_MODULES,
     RandomStableDiffusion3Policy,
@@ -13,6 +15,7 @@ from lightning_sdrl.policies.sd3 import (
     StableDiffusion3Policy,
 )
 from lightning_sdrl.policies.sd3_components import SD3Components
+from lightning_sdrl.policies.solvers import ODESolver, Solver, solver_scheduler
 from lightning_sdrl.policies.text_to_image import (
     RandomTextToImagePolicy,
     StableDiffusionPolicy,
@@ -28,14 +31,19 @@ __all__ = [
     "DiffusionPolicy",
     "FlowSDEStep",
     "LoRASettings",
+    "ODESolver",
+    "ParameterCopy",
     "RandomStableDiffusion3Policy",
     "RandomTextToImagePolicy",
     "SD3Components",
     "SD3Policy",
+    "Samples",
+    "Solver",
     "StableDiffusion3Policy",
     "StableDiffusionPolicy",
     "StepKernel",
     "TextToImageComponents",
     "TextToImagePolicy",
     "Trajectory",
+    "solver_scheduler",
 ]

@@ -28,6 +28,7 @@ from diffusers.training_utils import cast_training_params
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
+from lightning_sdrl.functional.forward_process import Parameterization, parameterization_of, timestep_to_level
 from lightning_sdrl.functional.gaussian import StepDistribution, gaussian_log_prob, sample_step
 from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.kernels import StepKernel
@@ -41,6 +42,8 @@ from lightning_sdrl.policies.lora import (
     save_lora_weights,
     settings_hint,
 )
+from lightning_sdrl.policies.samples import Samples, cat_rows, select_rows
+from lightning_sdrl.policies.solvers import ODESolver, Solver, denoiser_timesteps, solver_scheduler
 
 log = logging.getLogger("lightning_sdrl")
 
@@ -137,36 +140,25 @@ class Trajectory:
 
     def select(self, index: Tensor) -> Trajectory:
         """The trajectories at ``index`` (a ``[N]`` long tensor), in that order."""
-        values = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if value is None:
-                values[field.name] = None
-            elif isinstance(value, Conditioning):
-                values[field.name] = value.select(index)
-            elif isinstance(value, Tensor):
-                values[field.name] = value[index.to(value.device)]
-            else:
-                values[field.name] = [value[i] for i in index.tolist()]
-        return Trajectory(**values)
+        return Trajectory(**{field.name: select_rows(getattr(self, field.name), index) for field in fields(self)})
 
     @staticmethod
     def cat(trajectories: list[Trajectory]) -> Trajectory:
         """Concatenate trajectories along the batch dimension."""
         if not trajectories:
             raise ValueError("Trajectory.cat got an empty list")
-        values = {}
-        for field in fields(Trajectory):
-            parts = [getattr(t, field.name) for t in trajectories]
-            if any(part is None for part in parts):
-                values[field.name] = None
-            elif isinstance(parts[0], Conditioning):
-                values[field.name] = Conditioning.cat(parts)
-            elif isinstance(parts[0], Tensor):
-                values[field.name] = torch.cat(parts)
-            else:
-                values[field.name] = sum(parts, [])
-        return Trajectory(**values)
+        return Trajectory(
+            **{field.name: cat_rows([getattr(t, field.name) for t in trajectories]) for field in fields(Trajectory)}
+        )
+
+
+class _KernelRun(NamedTuple):
+    """What :meth:`DiffusionPolicy._kernel_loop` returns: the final sample and, when kept, the steps'."""
+
+    final: Tensor
+    latents: list[Tensor]
+    log_probs: list[Tensor]
+    means: list[Tensor]
 
 
 class StoredSteps(NamedTuple):
@@ -342,6 +334,108 @@ class DiffusionPolicy(nn.Module, abc.ABC):
             raise ValueError(f"num_steps={num_steps}; expected at least 1 denoising step")
         return self.kernel.set_timesteps(num_steps).to(self.device)
 
+    def training_timesteps(self, num_steps: int) -> Tensor:
+        """The kernel's inference timesteps for ``num_steps`` steps (``[T]``, on the device; a copy).
+
+        What :meth:`set_num_steps` returns: the times forward-process RL draws its training
+        timesteps from (DiffusionNFT and AWM noise their samples at the sampler's timesteps).
+        """
+        return self.set_num_steps(num_steps).clone()
+
+    @property
+    def parameterization(self) -> Parameterization:
+        """The forward process and what the denoiser predicts.
+
+        ``"flow"`` for a flow-matching kernel (its scheduler a ``FlowMatchEulerDiscreteScheduler``),
+        else the DDPM scheduler's ``prediction_type`` (``"epsilon"``, ``"v_prediction"``,
+        ``"sample"``); see :func:`~lightning_sdrl.functional.forward_process.parameterization_of`.
+        """
+        return parameterization_of(self.scheduler)
+
+    def noise_level(self, timesteps: Tensor) -> Tensor:
+        """The noise levels of ``timesteps`` (``[B]``): sigma for flow, ``alphas_cumprod[t]`` for DDPM.
+
+        The ``level`` that :mod:`lightning_sdrl.functional.forward_process` takes
+        (:func:`~lightning_sdrl.functional.forward_process.timestep_to_level` of the kernel's
+        scheduler); ``[B]`` float32 on the timesteps' device.
+        """
+        return timestep_to_level(self.scheduler, timesteps)
+
+    def _initial_noise(self, prompts: list[str], generator: torch.Generator | None) -> tuple[Conditioning, Tensor]:
+        """The prompts' conditioning and the initial samples ``x_T`` ``[B, C, H, W]`` drawn with ``generator``."""
+        if not prompts:
+            raise ValueError("prompts is empty; expected at least one prompt to sample")
+        conditions = self.encode_prompts(prompts)
+        shape = (len(prompts), *self.sample_shape)
+        return conditions, randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def _prompt_ids(self, prompt_ids: Tensor | None, batch: int) -> Tensor:
+        """``prompt_ids`` (default ``0..B-1``) on the device."""
+        return (torch.arange(batch) if prompt_ids is None else prompt_ids).to(self.device)
+
+    def _stochastic_steps(self, num_steps: int, eta: float, sde_steps: Tensor | None) -> list[bool]:
+        """Which steps draw noise, decided once from the schedule (no per-step device reads)."""
+        if sde_steps is None:
+            window = [True] * num_steps
+        elif tuple(sde_steps.shape) != (num_steps,):
+            raise ValueError(f"sde_steps has shape {list(sde_steps.shape)}; expected [{num_steps}] (one per step)")
+        else:
+            window = sde_steps.cpu().tolist()
+        return [bool(w) and self.kernel.is_stochastic(j, eta) for j, w in enumerate(window)]
+
+    def _kernel_loop(
+        self,
+        x: Tensor,
+        conditions: Conditioning,
+        timesteps: Tensor,
+        eta: float,
+        guidance_scale: float,
+        generator: torch.Generator | None,
+        stochastic_steps: list[bool],
+        keep_steps: bool,
+        keep_means: bool = False,
+    ) -> _KernelRun:
+        """Run the kernel's steps at the set ``timesteps`` from ``x``: the loop of :meth:`sample` and :meth:`generate`.
+
+        A step in ``stochastic_steps`` is drawn from its Gaussian, the others take its mean.
+        ``keep_steps`` keeps every sample and step log-prob (a trajectory), ``keep_means`` every
+        step's mean; without them only the final sample is returned.
+        """
+        batch = x.shape[0]
+        run = _KernelRun(final=x, latents=[x] if keep_steps else [], log_probs=[], means=[])
+        both = self._guidance_conditions(conditions, guidance_scale)
+        # The step math reads timesteps on the CPU (no device synchronisation per step).
+        for j, (t, t_cpu) in enumerate(zip(timesteps, self.kernel.scheduler.timesteps, strict=True)):
+            model_output = self._guided(x, t.expand(batch), both, guidance_scale)
+            noisy = stochastic_steps[j]
+            dist = self.kernel.distribution(model_output, t_cpu, x, eta if noisy else 0.0)
+            if noisy:
+                x, log_prob = sample_step(dist, x.dtype, generator)
+            else:
+                x, log_prob = dist.mean.to(x.dtype), torch.zeros(batch, device=x.device, dtype=torch.float32)
+            if keep_steps:
+                run.latents.append(x)
+                run.log_probs.append(log_prob)
+            if keep_means:
+                run.means.append(dist.mean)
+        return run._replace(final=x)
+
+    def _solver_loop(
+        self, x: Tensor, conditions: Conditioning, num_steps: int, solver: ODESolver, guidance_scale: float
+    ) -> Tensor:
+        """Solve the probability-flow ODE from ``x`` with a diffusers solver over the kernel's schedule."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps={num_steps}; expected at least 1 denoising step")
+        scheduler = solver_scheduler(self.scheduler, solver)  # fresh: multistep solvers keep a history
+        scheduler.set_timesteps(num_steps)
+        model_timesteps = denoiser_timesteps(scheduler).to(self.device)
+        batch = x.shape[0]
+        both = self._guidance_conditions(conditions, guidance_scale)
+        for t, t_model in zip(scheduler.timesteps, model_timesteps, strict=True):
+            model_output = self._guided(x, t_model.expand(batch), both, guidance_scale)
+            x = scheduler.step(model_output, t, x, return_dict=False)[0].to(x.dtype)
+        return x
+
     @torch.no_grad()
     def sample(
         self,
@@ -370,48 +464,81 @@ class DiffusionPolicy(nn.Module, abc.ABC):
                 SDE window). ``None``: every step. A step the kernel says has no noise
                 (:meth:`~.kernels.StepKernel.is_stochastic`: CPS's last step) is deterministic too.
         """
-        if not prompts:
-            raise ValueError("prompts is empty; expected at least one prompt to sample")
-        device = self.device
         timesteps = self.set_num_steps(num_steps)
-        if sde_steps is not None:
-            if tuple(sde_steps.shape) != (num_steps,):
-                raise ValueError(f"sde_steps has shape {list(sde_steps.shape)}; expected [{num_steps}] (one per step)")
-            sde_steps = sde_steps.cpu()
-        conditions = self.encode_prompts(prompts)
-        batch = len(prompts)
-        x = randn_tensor((batch, *self.sample_shape), generator=generator, device=device, dtype=self.dtype)
-        latents, log_probs, means, stochastic = [x], [], [], []
-        both = self._guidance_conditions(conditions, guidance_scale)
-        # The step math reads timesteps on the CPU (no device synchronisation per step).
-        # which steps draw noise, decided once from the schedule (no per-step device reads)
-        window = [True] * num_steps if sde_steps is None else sde_steps.tolist()
-        stochastic_steps = [bool(w) and self.kernel.is_stochastic(j, eta) for j, w in enumerate(window)]
-        for j, (t, t_cpu) in enumerate(zip(timesteps, self.kernel.scheduler.timesteps, strict=True)):
-            model_output = self._guided(x, t.expand(batch), both, guidance_scale)
-            noisy = stochastic_steps[j]
-            dist = self.kernel.distribution(model_output, t_cpu, x, eta if noisy else 0.0)
-            if noisy:
-                x, log_prob = sample_step(dist, x.dtype, generator)
-            else:
-                x, log_prob = dist.mean.to(x.dtype), torch.zeros(batch, device=device, dtype=torch.float32)
-            latents.append(x)
-            log_probs.append(log_prob)
-            stochastic.append(noisy)
-            if keep_means:
-                means.append(dist.mean)
-        if prompt_ids is None:
-            prompt_ids = torch.arange(batch)
+        stochastic = self._stochastic_steps(num_steps, eta, sde_steps)
+        conditions, x = self._initial_noise(prompts, generator)
+        run = self._kernel_loop(
+            x, conditions, timesteps, eta, guidance_scale, generator, stochastic, keep_steps=True, keep_means=keep_means
+        )
+        batch, device = len(prompts), x.device
         return Trajectory(
-            latents=torch.stack(latents, dim=1),
+            latents=torch.stack(run.latents, dim=1),
             timesteps=timesteps.unsqueeze(0).expand(batch, -1).clone(),
-            log_probs=torch.stack(log_probs, dim=1),
+            log_probs=torch.stack(run.log_probs, dim=1),
             conditions=conditions,
-            prompt_ids=prompt_ids.to(device),
+            prompt_ids=self._prompt_ids(prompt_ids, batch),
+            prompts=list(prompts),
+            images=self.decode(run.final),
+            means=torch.stack(run.means, dim=1) if keep_means else None,
+            stochastic=torch.tensor(stochastic, device=device).unsqueeze(0).expand(batch, -1).clone(),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        num_steps: int = 10,
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        prompt_ids: Tensor | None = None,
+        solver: Solver = "kernel",
+    ) -> Samples:
+        """Sample one final sample per prompt, keeping nothing of the steps (forward-process RL's rollouts).
+
+        ``solver="kernel"`` runs :meth:`sample`'s loop: the same arguments and generator give
+        exactly its final latents and images. The ODE solvers start from the same initial noise
+        (the generator's first draw) and draw nothing else.
+
+        Args:
+            prompts: ``B`` prompts (or class names for class-conditional policies).
+            num_steps: sampling steps (denoiser evaluations, times 2 with guidance).
+            eta: the kernel's noise weight, as in :meth:`sample`; 0 (the default) is the kernel's
+                deterministic ODE. Must be 0 with an ODE solver.
+            guidance_scale: classifier-free guidance weight (1 disables guidance).
+            generator: random generator on the policy's device, for reproducible samples.
+            prompt_ids: ``[B]`` ids of the prompts (default ``0..B-1``).
+            solver: ``"kernel"`` (the policy's step kernel), ``"dpmsolver++"`` or ``"unipc"``
+                (diffusers' multistep solvers over the kernel's noise schedule, see
+                :func:`~lightning_sdrl.policies.solvers.solver_scheduler`).
+
+        Raises:
+            ValueError: an unknown ``solver``, ``eta != 0`` with an ODE solver, no prompts, or a
+                schedule the solver cannot follow.
+        """
+        if solver not in get_args(Solver):
+            raise ValueError(f"solver={solver!r}; expected one of {list(get_args(Solver))}")
+        if solver != "kernel" and eta != 0:
+            raise ValueError(
+                f"eta={eta} with solver={solver!r}; the ODE solvers are deterministic: pass eta=0, or "
+                "solver='kernel' to sample with the kernel's noise"
+            )
+        if solver == "kernel":
+            timesteps = self.set_num_steps(num_steps)
+            stochastic = self._stochastic_steps(num_steps, eta, None)
+            conditions, x = self._initial_noise(prompts, generator)
+            x = self._kernel_loop(
+                x, conditions, timesteps, eta, guidance_scale, generator, stochastic, keep_steps=False
+            ).final
+        else:
+            conditions, x = self._initial_noise(prompts, generator)
+            x = self._solver_loop(x, conditions, num_steps, solver, guidance_scale)
+        return Samples(
+            samples=x,
+            conditions=conditions,
+            prompt_ids=self._prompt_ids(prompt_ids, len(prompts)),
             prompts=list(prompts),
             images=self.decode(x),
-            means=torch.stack(means, dim=1) if keep_means else None,
-            stochastic=torch.tensor(stochastic, device=device).unsqueeze(0).expand(batch, -1).clone(),
         )
 
     def run_steps(
