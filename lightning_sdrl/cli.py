@@ -44,6 +44,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 CLASS_MODULES = (
     "lightning_sdrl.modules.ddpo",
     "lightning_sdrl.modules.grpo",
+    "lightning_sdrl.modules.nft",
+    "lightning_sdrl.modules.awm",
     "lightning_sdrl.modules.refl",
     "lightning_sdrl.modules.reward_model",
     "lightning_sdrl.modules.pretrain",

@@ -244,6 +244,7 @@ class DDPOModule(OnlineRLModule):
 
     def on_fit_start(self) -> None:
         """Keep a frozen copy of the denoiser if a reference KL is asked for under full fine-tuning."""
+        super().on_fit_start()
         if self.settings.kl_reference_coef > 0:
             self.policy.keep_reference()
 

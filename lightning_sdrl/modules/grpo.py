@@ -130,14 +130,3 @@ class GRPOModule(DDPOModule):
             val_eta=val_eta,
             evaluation=evaluation,
         )
-
-    def on_fit_start(self) -> None:
-        """Refuse prompt sampling without groups; keep a reference copy for the KL under full fine-tuning."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        group_size = getattr(datamodule, "group_size", None)
-        if group_size is not None and group_size < 2:
-            raise ValueError(
-                f"GRPO normalises each reward within its prompt's group, but the data module has group_size="
-                f"{group_size}; set data.init_args.group_size >= 2 (Flow-GRPO: 24)"
-            )
-        super().on_fit_start()

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.figures import save_captioned_grid
-from lightning_sdrl.functional.advantages import AdvantageRule
+from lightning_sdrl.functional.advantages import AdvantageRule, GroupRelativeAdvantages
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, all_finite, check_checkpoint_keys, check_finite_state
@@ -120,6 +120,16 @@ class OnlineRLModule(GenerationModule, abc.ABC):
         self.guard = NonFiniteGuard(max_consecutive_skips, self.algorithm_name)
         self.last_update: EpochSamples | None = None
         self.reward_history: list[Tensor] = []
+
+    def on_fit_start(self) -> None:
+        """Refuse group-relative advantages without groups (each prompt sampled once gets advantage 0)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        group_size = getattr(datamodule, "group_size", None)
+        if isinstance(self.advantage_rule, GroupRelativeAdvantages) and group_size is not None and group_size < 2:
+            raise ValueError(
+                f"{self.algorithm_name} normalises each reward within its prompt's group, but the data module has "
+                f"group_size={group_size}; set data.init_args.group_size >= 2 (Flow-GRPO, DiffusionNFT: 24)"
+            )
 
     # ------------------------------------------------------------------ what an algorithm adds
     @abc.abstractmethod
