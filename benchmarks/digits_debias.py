@@ -69,7 +69,8 @@ def sample_chunks(module, prompt: str, num: int, seed: int, chunk: int) -> Itera
 
 
 def quality(module, prompt: str, classes: list[int], num: int = 256, seed: int = 99) -> dict[str, float]:
-    """Mean classifier confidence on ``classes`` and feature FID against real digits of them."""
+    """Mean classifier confidence on ``classes``, the share the classifier calls "None" (confidence below
+    0.7 on all of them) and feature FID against real digits of them."""
     classifier = DigitsClassifier()
     evaluation = GenerationMetrics(DigitsFeatures(), DigitsReference(split="test", classes=classes))
     confidences = []
@@ -79,7 +80,12 @@ def quality(module, prompt: str, classes: list[int], num: int = 256, seed: int =
         confidences.append(probs[:, classes].max(dim=1).values)
         evaluation.update(images)
     values = evaluation.compute()
-    return {"confidence": float(torch.cat(confidences).mean()), "fid": float(values["fid"])}
+    confidence = torch.cat(confidences)
+    return {
+        "confidence": float(confidence.mean()),
+        "none": float((confidence < 0.7).float().mean()),
+        "fid": float(values["fid"]),
+    }
 
 
 def fresh_ratio(tracker: AttributeTracker, module, prompt: str, column: str, num: int = 1024, seed: int = 7) -> float:

@@ -95,6 +95,8 @@ class RecordUpdates(pl.Callback):
             "reward_seen": list(getattr(pl_module.reward, "seen", [])),
             "trainable_sum": sum(float(p.double().sum()) for p in pl_module.policy.trainable_parameters()),
         }
+        if hasattr(pl_module, "old_policy"):  # forward-process RL: the old / EMA policy
+            record["old_policy_sum"] = sum(float(t.double().sum()) for t in pl_module.old_policy.state_dict().values())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.json"
         path.write_text(json.dumps(record))

@@ -4,11 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def ddp_fit(tmp_path, reward):
-    """Fit the tiny config for 2 epochs on 2 gloo processes; returns the records directory."""
+def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml"):
+    """Fit a tiny config for 2 epochs on 2 gloo processes; returns the records directory."""
     records = tmp_path / "records"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
@@ -17,7 +19,7 @@ def ddp_fit(tmp_path, reward):
         "lightning_sdrl",
         "fit",
         "-c",
-        "configs/tiny/ddpo.yaml",
+        config,
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
@@ -56,3 +58,19 @@ def test_ddp_drops_a_nan_sample_of_one_process_and_keeps_the_processes_in_step(t
         assert advantages.count("nan") == 1
         assert rank0["trainable_sum"] == rank1["trainable_sum"]  # one all-reduced update on both
     assert rank0["trainable_sum"] != json.loads((records / "rank0_epoch0.json").read_text())["trainable_sum"]
+
+
+@pytest.mark.parametrize("algorithm", ["nft", "awm"])
+def test_forward_process_modules_train_in_lockstep_under_ddp(algorithm, tmp_path):
+    """Each process samples its own images; advantages, updates and the old / EMA policy agree on both."""
+    records, _ = ddp_fit(tmp_path, "lightning_sdrl.rewards.simple.Brightness", f"configs/tiny/{algorithm}_sd3.yaml")
+    first = json.loads((records / "rank0_epoch0.json").read_text())
+    for epoch in range(2):
+        rank0 = json.loads((records / f"rank0_epoch{epoch}.json").read_text())
+        rank1 = json.loads((records / f"rank1_epoch{epoch}.json").read_text())
+        assert rank0["sample_sums"] != rank1["sample_sums"]
+        assert rank0["advantages"] == rank1["advantages"]
+        assert len(rank0["advantages"]) == 2 * len(rank0["sample_sums"])
+        assert rank0["trainable_sum"] == rank1["trainable_sum"]  # one all-reduced update on both
+        assert rank0["old_policy_sum"] == rank1["old_policy_sum"]
+    assert rank0["trainable_sum"] != first["trainable_sum"]

@@ -1,7 +1,8 @@
 """A run killed with SIGKILL and resumed from its last checkpoint ends exactly where the uninterrupted run does.
 
-Two runs: DDPO on the tiny config, and Flow-GRPO on the flow-matching digits model (its shipped
-config, shrunk to seconds as the config round-trip test does it).
+Three runs: DDPO on the tiny config, Flow-GRPO on the flow-matching digits model (its shipped
+config, shrunk to seconds as the config round-trip test does it), and DiffusionNFT on the tiny SD3
+(its old policy is part of the checkpoint).
 """
 
 import csv
@@ -42,9 +43,10 @@ def grpo_flow_digits(directory: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("algorithm", ["ddpo_tiny", "grpo_flow_digits"])
+@pytest.mark.parametrize("algorithm", ["ddpo_tiny", "grpo_flow_digits", "nft_tiny_sd3"])
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run_exactly(algorithm, tmp_path):
-    config = "configs/tiny/ddpo.yaml" if algorithm == "ddpo_tiny" else grpo_flow_digits(tmp_path)
+    configs = {"ddpo_tiny": "configs/tiny/ddpo.yaml", "nft_tiny_sd3": "configs/tiny/nft_sd3.yaml"}
+    config = configs[algorithm] if algorithm in configs else grpo_flow_digits(tmp_path)
     whole = fit(config, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
 
