@@ -250,11 +250,12 @@ def main() -> None:
     if not args.table_only:
         for method in args.methods:
             part = args.out / f"digits_flow_vs_ddim_{method}.json"
-            results = json.loads(part.read_text()) if part.is_file() else {}
             for reward in args.rewards:
                 if (ROOT / f"configs/digits/{method}_{reward}.yaml").is_file():
-                    results[reward] = [run(method, reward, seed, args.out) for seed in args.seeds]
-                    part.write_text(json.dumps(results, indent=1) + "\n")
+                    records = [run(method, reward, seed, args.out) for seed in args.seeds]
+                    # read again just before writing: another process may have written other rewards
+                    results = json.loads(part.read_text()) if part.is_file() else {}
+                    part.write_text(json.dumps({**results, reward: records}, indent=1) + "\n")
     results = load(args.out)
     print(table(results))
     figure(results, args.out / "figures" / "digits_flow_vs_ddim.png")

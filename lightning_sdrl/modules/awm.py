@@ -20,15 +20,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_sdrl.functional.advantages import AdvantageRule, GroupRelativeAdvantages
+from lightning_sdrl.functional.advantages import AdvantageRule
 from lightning_sdrl.functional.awm import AWMWeighting, awm_log_prob, awm_loss
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.forward_process import (
     ForwardProcessModule,
-    check_forward_process_arguments,
     stratified_training_steps,
 )
-from lightning_sdrl.modules.hyperparameters import record_arguments
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.policies.old_policy import ParameterCopy
 from lightning_sdrl.policies.samples import Samples
@@ -121,27 +119,8 @@ class AWMModule(ForwardProcessModule):
         max_consecutive_skips: int = 3,
         evaluation: GenerationMetrics | None = None,
     ) -> None:
-        arguments = dict(locals())
-        super().__init__(
-            policy,
-            reward,
-            optimizer,
-            lr_scheduler,
-            GroupRelativeAdvantages(global_std=True) if advantages is None else advantages,
-            checkpoint_trainable_only,
-            max_consecutive_skips,
-            evaluation,
-        )
-        check_forward_process_arguments(
-            num_steps, eta, guidance_scale, timestep_fraction, max_grad_norm, kl_reference_coef,
-            decay_rate, max_decay, sample_grid_every_n_epochs, val_num_steps, val_eta,
-        )  # fmt: skip
-        check_positive_ints(
-            train_batch_size=train_batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            num_inner_epochs=num_inner_epochs,
-            train_timesteps=train_timesteps,
-        )
+        super().__init__(dict(locals()))
+        check_positive_ints(train_timesteps=train_timesteps)
         # the strata must fit (raises naming train_timesteps), the weighting must exist
         stratified_training_steps(1, num_steps, train_timesteps, timestep_fraction, torch.Generator())
         awm_log_prob(torch.zeros(1), 1.0, weighting, huber_power)
@@ -157,9 +136,6 @@ class AWMModule(ForwardProcessModule):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        objects = ["policy", "reward", "optimizer", "lr_scheduler", "evaluation", "advantages"]
-        self.settings = record_arguments(self, objects, arguments)
-        self.init_old_policy()
         self._sampling_weights: ParameterCopy | None = None
 
     def training_steps(self, num_samples: int, num_steps: int, generator: torch.Generator) -> Tensor:

@@ -28,19 +28,23 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 
 from lightning_sdrl.data.sampling import PromptBatch
+from lightning_sdrl.functional.advantages import GroupRelativeAdvantages
 from lightning_sdrl.functional.ema import ema_decay
 from lightning_sdrl.functional.forward_process import noise_sample
 from lightning_sdrl.functional.seeding import derive_seed
+from lightning_sdrl.modules.hyperparameters import record_arguments
 from lightning_sdrl.modules.online import OnlineRLModule
 from lightning_sdrl.policies.old_policy import ParameterCopy
 from lightning_sdrl.policies.samples import Samples
+from lightning_sdrl.policies.solvers import Solver
 from lightning_sdrl.validation import check_positive_ints
 
 TRAINING_NOISE_KEY = 7
@@ -50,6 +54,7 @@ TRAINING_NOISE_KEY = 7
 def check_forward_process_arguments(
     num_steps: int,
     eta: float,
+    solver: str,
     guidance_scale: float,
     timestep_fraction: float,
     max_grad_norm: float | None,
@@ -63,7 +68,7 @@ def check_forward_process_arguments(
     """Reject settings of a forward-process module that could only fail (or do nothing) later.
 
     Example:
-        >>> check_forward_process_arguments(10, 0.0, 1.0, 0.99, 1.0, 0.0, 0.001, 1.0, 1, None, None)
+        >>> check_forward_process_arguments(10, 0.0, "kernel", 1.0, 0.99, 1.0, 0.0, 0.001, 1.0, 1, None, None)
         Traceback (most recent call last):
         ...
         ValueError: max_decay=1.0; expected 0 <= max_decay < 1 (the old policy's EMA decay; DiffusionNFT: 0.5)
@@ -71,6 +76,11 @@ def check_forward_process_arguments(
     check_positive_ints(num_steps=num_steps)
     checks = [
         (0.0 <= eta <= 1.0, f"eta={eta}; expected 0 <= eta <= 1 (0: the deterministic ODE, the references' choice)"),
+        (solver in get_args(Solver), f"solver={solver!r}; expected one of {list(get_args(Solver))}"),
+        (
+            solver == "kernel" or eta == 0,
+            f"eta={eta} with solver={solver!r}: the ODE solvers are deterministic; set eta: 0, or solver: kernel",
+        ),
         (guidance_scale >= 0, f"guidance_scale={guidance_scale}; expected >= 0 (1 disables guidance)"),
         (0.0 < timestep_fraction <= 1.0, f"timestep_fraction={timestep_fraction}; expected 0 < fraction <= 1"),
         (
@@ -101,24 +111,46 @@ def check_forward_process_arguments(
             raise ValueError(message)
 
 
+OBJECTS = ("policy", "reward", "optimizer", "lr_scheduler", "evaluation", "advantages")
+"""Constructor arguments given as objects (not recorded as hyper-parameters)."""
+
+
 class ForwardProcessModule(OnlineRLModule):
     """Rollouts of final samples, fresh forward noising at the sampler's timesteps, an old / EMA policy.
 
-    A subclass records its arguments (its :attr:`settings` hold at least those of
-    :func:`check_forward_process_arguments` and ``solver``, ``train_batch_size``,
-    ``gradient_accumulation_steps``, ``num_inner_epochs``, ``kl_reference_coef``), creates the
-    old policy with :meth:`init_old_policy`, and implements :meth:`training_steps` and
-    :meth:`timestep_loss`.
+    A subclass's constructor takes at least the arguments of :func:`check_forward_process_arguments`,
+    the objects of :data:`OBJECTS` and ``solver``, ``train_batch_size``,
+    ``gradient_accumulation_steps``, ``num_inner_epochs``, ``checkpoint_trainable_only`` and
+    ``max_consecutive_skips``, passes them all as ``super().__init__(dict(locals()))``, and
+    implements :meth:`training_steps`, :meth:`fixed_outputs` and :meth:`timestep_loss`.
+
+    Args:
+        arguments: the subclass constructor's arguments by name; they are checked, recorded as
+            hyper-parameters (the objects left out) and become :attr:`settings`. ``advantages=None``
+            is the references' rule: group-relative advantages over the global std.
     """
 
     sample_with_old_policy = False
     """Whether the rollouts come from the old policy (DiffusionNFT) or the trained one (AWM)."""
 
-    old_policy: ParameterCopy
-
-    def init_old_policy(self) -> None:
-        """The old / EMA policy: a copy of the policy's trainable parameters as they are now."""
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        a = arguments
+        advantages = GroupRelativeAdvantages(global_std=True) if a["advantages"] is None else a["advantages"]
+        super().__init__(
+            a["policy"], a["reward"], a["optimizer"], a["lr_scheduler"], advantages,
+            a["checkpoint_trainable_only"], a["max_consecutive_skips"], a["evaluation"],
+        )  # fmt: skip
+        check_forward_process_arguments(
+            **{name: a[name] for name in inspect.signature(check_forward_process_arguments).parameters}
+        )
+        check_positive_ints(
+            train_batch_size=a["train_batch_size"],
+            gradient_accumulation_steps=a["gradient_accumulation_steps"],
+            num_inner_epochs=a["num_inner_epochs"],
+        )
+        self.settings = record_arguments(self, OBJECTS, arguments)
         self.old_policy = ParameterCopy(self.policy)
+        """The old / EMA policy: a copy of the trained parameters (at first, their values now)."""
 
     # ------------------------------------------------------------------ what an algorithm adds
     @abc.abstractmethod
@@ -326,7 +358,7 @@ def stratified_training_steps(
 
     Example:
         >>> stratified_training_steps(1, 14, 6, 0.9, torch.Generator().manual_seed(0)).tolist()
-        [[1, 3, 4, 7, 8, 11]]
+        [[1, 3, 4, 6, 8, 11]]
     """
     upper = int(fraction * num_steps)
     if count > upper - 1:

@@ -20,20 +20,17 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_sdrl.functional.advantages import AdvantageRule, GroupRelativeAdvantages
+from lightning_sdrl.functional.advantages import AdvantageRule
 from lightning_sdrl.functional.nft import nft_loss
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.forward_process import (
     ForwardProcessModule,
-    check_forward_process_arguments,
     nft_training_steps,
 )
-from lightning_sdrl.modules.hyperparameters import record_arguments
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.policies.samples import Samples
 from lightning_sdrl.policies.solvers import Solver
 from lightning_sdrl.rewards.base import RewardModule
-from lightning_sdrl.validation import check_positive_ints
 
 
 def nft_adamw(params: Any) -> torch.optim.Optimizer:
@@ -112,33 +109,11 @@ class NFTModule(ForwardProcessModule):
         max_consecutive_skips: int = 3,
         evaluation: GenerationMetrics | None = None,
     ) -> None:
-        arguments = dict(locals())
-        super().__init__(
-            policy,
-            reward,
-            optimizer,
-            lr_scheduler,
-            GroupRelativeAdvantages(global_std=True) if advantages is None else advantages,
-            checkpoint_trainable_only,
-            max_consecutive_skips,
-            evaluation,
-        )
-        check_forward_process_arguments(
-            num_steps, eta, guidance_scale, timestep_fraction, max_grad_norm, kl_reference_coef,
-            decay_rate, max_decay, sample_grid_every_n_epochs, val_num_steps, val_eta,
-        )  # fmt: skip
+        super().__init__(dict(locals()))
         if not beta > 0:
             raise ValueError(f"beta={beta}; expected beta > 0 (the implicit policies' step; DiffusionNFT: 1)")
         if not adv_clip_max > 0:
             raise ValueError(f"adv_clip_max={adv_clip_max}; expected a positive advantage clip (DiffusionNFT: 5)")
-        check_positive_ints(
-            train_batch_size=train_batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            num_inner_epochs=num_inner_epochs,
-        )
-        objects = ["policy", "reward", "optimizer", "lr_scheduler", "evaluation", "advantages"]
-        self.settings = record_arguments(self, objects, arguments)
-        self.init_old_policy()
 
     def training_steps(self, num_samples: int, num_steps: int, generator: torch.Generator) -> Tensor:
         """Per sample a random ``timestep_fraction`` of the sampler's steps."""

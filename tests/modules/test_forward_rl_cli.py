@@ -5,12 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusion3Pipeline
 
 from lightning_sdrl.cli import run_cli
 from lightning_sdrl.digits.classifier import DigitsClassifier
-from lightning_sdrl.policies import RandomStableDiffusion3Policy
-from tests.modules.test_grpo_sd3 import fixed_noise_brightness
+from tests.modules.test_grpo_sd3 import assert_pipeline_loads_the_trained_lora, fixed_noise_brightness
 from tests.test_config_roundtrip import shrink
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,23 +23,7 @@ def test_cli_run_on_tiny_sd3_raises_brightness_and_exports_a_pipeline_lora(algor
     # the same noise through the pretrained (LoRA off) and the trained policy: a paired comparison
     before, after = fixed_noise_brightness(cli.model.policy, False), fixed_noise_brightness(cli.model.policy)
     assert after > before + 0.001, (before, after)
-    # the trained LoRA loads into the stock pipeline and gives the trained transformer's outputs
-    policy = cli.model.policy.eval()
-    pipe = RandomStableDiffusion3Policy("sd3-tiny", lora=None).components().pipeline()
-    pipe.load_lora_weights(tmp_path / "trained")
-    x = torch.randn(2, *policy.sample_shape, generator=torch.Generator().manual_seed(1))
-    conditions = policy.encode_prompts(["a bright square", "a dark circle"])
-    t = policy.set_num_steps(4)[1].expand(2)
-    with torch.no_grad():
-        ours = policy.denoise(x, t, conditions)
-        theirs = pipe.transformer(
-            hidden_states=x,
-            timestep=t,
-            encoder_hidden_states=conditions["encoder_hidden_states"],
-            pooled_projections=conditions["pooled_projections"],
-        ).sample
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
-    assert isinstance(pipe, StableDiffusion3Pipeline)
+    assert_pipeline_loads_the_trained_lora(cli.model.policy, tmp_path / "trained")
 
 
 def six_probability(policy, prompt: str, guidance_scale: float, lora_on: bool) -> float:

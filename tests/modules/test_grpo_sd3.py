@@ -40,22 +40,12 @@ def fixed_noise_brightness(policy, lora_on=True):
             return float(policy.sample(PROMPTS * 16, **settings).images.mean())
 
 
-def test_cli_grpo_on_tiny_sd3_raises_brightness_and_exports_a_pipeline_lora(tmp_path):
-    cli = run_cli(["fit", "-c", TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
-    rewards = [float(r) for r in cli.model.reward_history]
-    assert len(rewards) == 8
-    assert np.mean(rewards[-3:]) > rewards[0], rewards
-    # the same noise through the pretrained (LoRA off) and the trained policy: a paired comparison
-    before, after = fixed_noise_brightness(cli.model.policy, False), fixed_noise_brightness(cli.model.policy)
-    assert after > before + 0.0005, (before, after)
-    logged = cli.trainer.logged_metrics
-    for key in ("train/group_reward_std", "train/kl_reference", "train/clip_fraction", "train/reward_std"):
-        assert torch.isfinite(logged[key]), key
-    assert (tmp_path / "samples" / "epoch_0007.png").is_file()
-    # the trained LoRA loads into the stock pipeline and gives the trained transformer's outputs
-    policy = cli.model.policy.eval()
+def assert_pipeline_loads_the_trained_lora(policy, directory):
+    """The LoRA in ``directory`` loads into the stock SD3 pipeline and gives the trained transformer's outputs."""
+    policy = policy.eval()
     pipe = RandomStableDiffusion3Policy("sd3-tiny", lora=None).components().pipeline()
-    pipe.load_lora_weights(tmp_path / "trained")
+    pipe.load_lora_weights(directory)
+    assert isinstance(pipe, StableDiffusion3Pipeline)
     x = torch.randn(2, *policy.sample_shape, generator=torch.Generator().manual_seed(1))
     conditions = policy.encode_prompts(["a bright square", "a dark circle"])
     t = policy.set_num_steps(4)[1].expand(2)
@@ -68,7 +58,21 @@ def test_cli_grpo_on_tiny_sd3_raises_brightness_and_exports_a_pipeline_lora(tmp_
             pooled_projections=conditions["pooled_projections"],
         ).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
-    assert isinstance(pipe, StableDiffusion3Pipeline)
+
+
+def test_cli_grpo_on_tiny_sd3_raises_brightness_and_exports_a_pipeline_lora(tmp_path):
+    cli = run_cli(["fit", "-c", TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    rewards = [float(r) for r in cli.model.reward_history]
+    assert len(rewards) == 8
+    assert np.mean(rewards[-3:]) > rewards[0], rewards
+    # the same noise through the pretrained (LoRA off) and the trained policy: a paired comparison
+    before, after = fixed_noise_brightness(cli.model.policy, False), fixed_noise_brightness(cli.model.policy)
+    assert after > before + 0.0005, (before, after)
+    logged = cli.trainer.logged_metrics
+    for key in ("train/group_reward_std", "train/kl_reference", "train/clip_fraction", "train/reward_std"):
+        assert torch.isfinite(logged[key]), key
+    assert (tmp_path / "samples" / "epoch_0007.png").is_file()
+    assert_pipeline_loads_the_trained_lora(cli.model.policy, tmp_path / "trained")
 
 
 def test_ddpo_runs_on_tiny_sd3_and_changes_the_lora(tmp_path):
