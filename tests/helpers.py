@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_sdrl.data.sampling import SamplingDataModule
+from lightning_sdrl.functional.seeding import derive_seed
 from lightning_sdrl.rewards.base import RewardModule
 
 
@@ -132,3 +135,27 @@ def make_tiny_clip(folder, name: str, config: dict) -> tuple:
     weights = folder / "tiny_clip.pt"
     torch.save(model.state_dict(), weights)
     return name, str(weights), model
+
+
+class WorldSizeFreeSeeds(SamplingDataModule):
+    """Training batches seeded by their place in the epoch's global batch, not by (rank, batch index).
+
+    ``SamplingDataModule`` seeds batch ``k`` of rank ``r`` from ``(epoch, r, k)``, so 2 processes with
+    one batch each sample other images than 1 process with two batches. Here batch ``k`` of rank ``r``
+    of ``W`` is the global batch ``k * W + r`` (the prompts already are): both runs sample the same
+    global batch, which lets a test compare the updates of one process and of DDP.
+    """
+
+    def train_dataloader(self):
+        batches, where, seed = super().train_dataloader().dataset, self._where, self.seed
+
+        class Batches(torch.utils.data.IterableDataset):
+            def __len__(self) -> int:
+                return len(batches)
+
+            def __iter__(self):
+                epoch, rank, world = where()
+                for index, batch in enumerate(batches):
+                    yield dataclasses.replace(batch, seed=derive_seed(seed, epoch, index * world + rank))
+
+        return torch.utils.data.DataLoader(Batches(), batch_size=None, collate_fn=lambda batch: batch)

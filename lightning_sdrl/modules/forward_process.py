@@ -9,7 +9,8 @@ by the reward, instead of policy gradients on the reverse sampler's step log-pro
 2. the shared loop (:mod:`lightning_sdrl.modules.online`) scores them and turns the rewards into
    advantages (per-prompt mean, global std by default: the references' rule);
 3. for ``num_inner_epochs`` passes over the shuffled samples, each sample is noised afresh at a
-   subset of the sampler's timesteps (``x_t = (1 - t) x_0 + t eps`` for flow models,
+   subset of the sampler's timesteps (both drawn from the sample's own seed, so the update of a
+   global batch is the same on one process as split over several) (``x_t = (1 - t) x_0 + t eps`` for flow models,
    ``sqrt(abar) x_0 + sqrt(1 - abar) eps`` for DDPM models), the denoiser's output there enters
    the algorithm's loss (:meth:`ForwardProcessModule.timestep_loss`), and the gradients of all the
    timesteps of ``gradient_accumulation_steps`` train batches make one optimiser step;
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterator
 from typing import Any, get_args
@@ -48,7 +50,7 @@ from lightning_sdrl.policies.solvers import Solver
 from lightning_sdrl.validation import check_positive_ints
 
 TRAINING_NOISE_KEY = 7
-"""Key mixed into the seed of an epoch's training noise and timestep draws (see :func:`derive_seed`)."""
+"""Key mixed into the seeds of the training noise, timestep and shuffle draws (see :func:`derive_seed`)."""
 
 
 def check_forward_process_arguments(
@@ -220,7 +222,8 @@ class ForwardProcessModule(OnlineRLModule):
                 solver=hp.solver,
             )
         self.policy.train(was_training)
-        return samples
+        seeds = torch.tensor([derive_seed(batch.seed, row, TRAINING_NOISE_KEY) for row in range(len(samples))])
+        return dataclasses.replace(samples, seeds=seeds)
 
     def output_with(
         self, weights: contextlib.AbstractContextManager[Any], x_t: Tensor, timesteps: Tensor, samples: Samples
@@ -254,13 +257,20 @@ class ForwardProcessModule(OnlineRLModule):
     ) -> dict[str, list[Tensor]]:
         """One pass over the shuffled samples, each at its training timesteps; returns the statistics."""
         hp = self.settings
+        if samples.seeds is None:
+            raise ValueError(
+                "the rollouts have no per-sample seeds (Samples.seeds); draw them with the module's rollout(), "
+                "which sets them from the batch's sampling seed"
+            )
         generator = torch.Generator().manual_seed(
             derive_seed(self.current_epoch, inner, self.global_rank, TRAINING_NOISE_KEY)
         )
         order = torch.randperm(len(samples), generator=generator)
         samples, advantages = samples.select(order), advantages[order.to(advantages.device)]
         weights = weights[order] if weights is not None else None
-        steps = self.training_steps(len(samples), len(timesteps), generator)
+        steps = torch.stack(
+            [self.training_steps(1, len(timesteps), generator)[0] for generator in sample_generators(samples, inner)]
+        )
         num_train = steps.shape[1]
         batches = list(range(0, len(samples), hp.train_batch_size))
         optimizer = self.optimizers()
@@ -273,7 +283,13 @@ class ForwardProcessModule(OnlineRLModule):
             for j in range(num_train):
                 with self._gradient_sync(window_end and j + 1 == num_train):
                     step_timesteps = timesteps[steps[rows, j].to(timesteps.device)]
-                    loss, stats = self._batch_loss(batch, batch_advantages, batch_weights, step_timesteps, generator)
+                    noise = torch.stack(
+                        [
+                            torch.randn(batch.samples.shape[1:], generator=generator)
+                            for generator in sample_generators(batch, inner, j)
+                        ]
+                    )
+                    loss, stats = self._batch_loss(batch, batch_advantages, batch_weights, step_timesteps, noise)
                     self.manual_backward(loss / (num_train * hp.gradient_accumulation_steps))
                 for key, value in {"train/loss": loss.detach(), **stats}.items():
                     totals.setdefault(key, []).append(value.detach().float())
@@ -287,14 +303,13 @@ class ForwardProcessModule(OnlineRLModule):
         advantages: Tensor,
         weights: Tensor | None,
         timesteps: Tensor,
-        generator: torch.Generator,
+        noise: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Noise a train batch at ``timesteps`` (fresh noise) and return the algorithm's loss there.
+        """Noise a train batch at ``timesteps`` with ``noise`` (fresh, on CPU) and return the algorithm's loss there.
 
         Padding rows (weight 0, see :meth:`OnlineRLModule._kept_rows`) are left out; a batch of
         padding rows only gives a zero loss that still runs backward (for DDP's gradient sync).
         """
-        noise = torch.randn(samples.samples.shape, generator=generator)  # drawn for every row: same stream
         if weights is not None and bool((weights > 0).any()):
             kept = torch.nonzero(weights > 0).flatten()
             samples, advantages, timesteps, noise = (
@@ -332,6 +347,22 @@ class ForwardProcessModule(OnlineRLModule):
                 "resume from a checkpoint of the same algorithm, or start a new run without --ckpt_path"
             )
         self.old_policy.load_state_dict(checkpoint["old_policy"])
+
+
+def sample_generators(samples: Samples, *keys: int) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from its ``seeds`` entry and ``keys`` (the pass, the timestep).
+
+    Example:
+        >>> from lightning_sdrl.policies.conditioning import Conditioning
+        >>> samples = Samples(torch.zeros(2, 1), Conditioning(encoder_hidden_states=torch.zeros(2, 1, 1)),
+        ...                   torch.tensor([0, 0]), ["a", "a"], torch.zeros(2, 3, 1, 1), torch.tensor([5, 9]))
+        >>> draws = [torch.rand(1, generator=g).item() for g in sample_generators(samples, 0)]
+        >>> swapped = samples.select(torch.tensor([1, 0]))
+        >>> swapped = [torch.rand(1, generator=g).item() for g in sample_generators(swapped, 0)]
+        >>> swapped == draws[::-1] and draws[0] != draws[1]  # a sample's draw does not depend on its row
+        True
+    """
+    return [torch.Generator().manual_seed(derive_seed(seed, *keys)) for seed in samples.seeds.tolist()]
 
 
 def nft_training_steps(num_samples: int, num_steps: int, fraction: float, generator: torch.Generator) -> Tensor:

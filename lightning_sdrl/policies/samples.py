@@ -66,6 +66,10 @@ class Samples:
         prompt_ids: ``[B]`` index of each sample's prompt in the prompt source, on the policy's device.
         prompts: the ``B`` prompts.
         images: ``[B, 3, H, W]`` the decoded samples in ``[0, 1]``.
+        seeds: ``[B]`` (CPU, int64) the seed of each sample's own random draws in training, or
+            ``None``. Forward-process RL derives them from the batch's sampling seed and the row, and
+            draws every sample's training noise and timesteps from its seed, so an update does not
+            depend on how the samples were split over processes or shuffled into train batches.
 
     Example:
         >>> samples = Samples(
@@ -85,6 +89,7 @@ class Samples:
     prompt_ids: Tensor
     prompts: list[str]
     images: Tensor
+    seeds: Tensor | None = None
 
     def __post_init__(self) -> None:
         rows = {
@@ -94,9 +99,12 @@ class Samples:
             "prompts": len(self.prompts),
             "images": self.images.shape[0],
         }
+        if self.seeds is not None:
+            rows["seeds"] = self.seeds.shape[0] if self.seeds.ndim == 1 else None
         if len(set(rows.values())) != 1:
             raise ValueError(
-                f"Samples fields have {rows} rows; expected the same batch size B in each (prompt_ids of shape [B])"
+                f"Samples fields have {rows} rows; expected the same batch size B in each "
+                "(prompt_ids and seeds of shape [B])"
             )
 
     def __len__(self) -> int:

@@ -5,12 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml"):
-    """Fit a tiny config for 2 epochs on 2 gloo processes; returns the records directory."""
+def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml", devices=2, extra=()):
+    """Fit a tiny config for 2 epochs on ``devices`` gloo processes; returns the records directory."""
     records = tmp_path / "records"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
@@ -20,8 +21,8 @@ def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml"):
         "fit",
         "-c",
         config,
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
+        f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}",
+        f"--trainer.devices={devices}",
         "--trainer.accelerator=cpu",
         "--trainer.max_epochs=2",
         "--trainer.enable_progress_bar=false",
@@ -29,6 +30,7 @@ def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml"):
         f"--model.init_args.reward={reward}",
         "--trainer.callbacks+=tests.helpers.RecordUpdates",
         f"--trainer.callbacks.out_dir={records}",
+        *extra,
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -74,3 +76,30 @@ def test_forward_process_modules_train_in_lockstep_under_ddp(algorithm, tmp_path
         assert rank0["trainable_sum"] == rank1["trainable_sum"]  # one all-reduced update on both
         assert rank0["old_policy_sum"] == rank1["old_policy_sum"]
     assert rank0["trainable_sum"] != first["trainable_sum"]
+
+
+@pytest.mark.parametrize("algorithm", ["nft", "awm"])
+def test_forward_process_update_on_two_processes_equals_one_process_on_the_global_batch(algorithm, tmp_path):
+    """2 processes with 4 samples each make the update 1 process makes from the same 8 samples.
+
+    Both runs sample the same global batch (``WorldSizeFreeSeeds``) and take one optimiser step per
+    epoch on it (DDP averages the two halves' gradients); every sample's training noise and
+    timesteps come from its own seed, so only the order of floating-point sums differs.
+    """
+    config, reward = f"configs/tiny/{algorithm}_sd3.yaml", "lightning_sdrl.rewards.simple.Brightness"
+    common = ["--data=tests.helpers.WorldSizeFreeSeeds", "--data.batch_size=4", "--trainer.logger=false"]
+    runs = {}
+    for devices, batches, train_batch in ((2, 1, 4), (1, 2, 8)):
+        per_run = [f"--data.num_batches_per_epoch={batches}", f"--model.init_args.train_batch_size={train_batch}"]
+        records, _ = ddp_fit(tmp_path / f"world{devices}", reward, config, devices, [*common, *per_run])
+        epochs = [json.loads((records / f"rank0_epoch{epoch}.json").read_text()) for epoch in range(2)]
+        checkpoint = torch.load(tmp_path / f"world{devices}" / "checkpoints" / "last.ckpt", weights_only=False)
+        runs[devices] = (epochs, checkpoint)
+    (two, two_checkpoint), (one, one_checkpoint) = runs[2], runs[1]
+    assert two[0]["advantages"] == one[0]["advantages"]  # the same global batch, sampled by the same weights
+    assert two[1]["advantages"] == pytest.approx(one[1]["advantages"], abs=1e-4)  # ... by nearly the same
+    assert set(two_checkpoint["state_dict"]) == set(one_checkpoint["state_dict"])
+    for name in ("state_dict", "old_policy"):
+        for key, value in two_checkpoint[name].items():
+            # two Adam steps of lr 0.05 / 0.02 move the weights by ~1e-2; sum order moves them by ~1e-5
+            torch.testing.assert_close(value, one_checkpoint[name][key], rtol=0, atol=1e-4, msg=f"{name} {key}")
