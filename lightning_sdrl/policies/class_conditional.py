@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_sdrl.policies.base import CompileMode, DiffusionPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.decoding import unit_range_images
 from lightning_sdrl.policies.kernels import DDIMStep
 from lightning_sdrl.policies.loading import check_source, load_component, resolve_dtype
 from lightning_sdrl.policies.lora import LoRASettings
@@ -123,8 +124,7 @@ class ClassConditionalPolicy(DiffusionPolicy):
 
     def decode(self, sample: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` from pixel samples in ``[-1, 1]``."""
-        images = (sample.float() / 2 + 0.5).clamp(0, 1)
-        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        return unit_range_images(sample)
 
     def save_trained(self, directory: str | Path) -> Path:
         """Save the LoRA adapter as every policy does, or the full model via :meth:`save_pretrained`.

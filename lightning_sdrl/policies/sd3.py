@@ -26,7 +26,9 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 from lightning_sdrl.policies.architectures import SD3ArchitectureName, sd3_components
 from lightning_sdrl.policies.base import CompileMode, DiffusionPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.decoding import decode_to_images
 from lightning_sdrl.policies.flow_kernels import FlowSDEStep, FlowSDEVariant
+from lightning_sdrl.policies.image_size import checked_image_size, vae_scale_factor
 from lightning_sdrl.policies.loading import (
     check_source,
     hub_kwargs,
@@ -234,15 +236,9 @@ class SD3Policy(DiffusionPolicy):
 
     def _image_size(self, name: str, value: int | None) -> int:
         """``value`` (or the transformer's default size in pixels), checked against the latent grid."""
-        multiple = self.vae_scale_factor * self.transformer.config.patch_size
-        if value is None:
-            return self.transformer.config.sample_size * self.vae_scale_factor
-        if value < multiple or value % multiple:
-            raise ValueError(
-                f"{name}={value}; expected a positive multiple of {multiple} (the VAE's downsampling "
-                f"{self.vae_scale_factor} times the patch size {self.transformer.config.patch_size})"
-            )
-        return value
+        factor, patch = self.vae_scale_factor, self.transformer.config.patch_size
+        why = f"the VAE's downsampling {factor} times the patch size {patch}"
+        return checked_image_size(name, value, self.transformer.config.sample_size * factor, factor * patch, why)
 
     def components(self) -> SD3Components:
         """The current parts (LoRA layers, if any, stay inside the transformer)."""
@@ -260,10 +256,8 @@ class SD3Policy(DiffusionPolicy):
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent along each side: ``2 ** (levels - 1)`` of the VAE, as the pipeline has it (1: no VAE)."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent along each side (:func:`~lightning_sdrl.policies.image_size.vae_scale_factor`)."""
+        return vae_scale_factor(self.vae)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -299,13 +293,7 @@ class SD3Policy(DiffusionPolicy):
 
         Without a VAE the sample is the image in ``[-1, 1]`` (one channel is repeated on three).
         """
-        if self.vae is None:
-            images = (sample.float() / 2 + 0.5).clamp(0, 1)
-            return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        config = self.vae.config
-        latents = sample.to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
-        images = self.vae.decode(latents).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_to_images(self.vae, sample)
 
 
 class StableDiffusion3Policy(SD3Policy):

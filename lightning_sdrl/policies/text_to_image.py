@@ -13,6 +13,7 @@ from lightning_sdrl.policies.architectures import ArchitectureName, text_to_imag
 from lightning_sdrl.policies.base import CompileMode, DiffusionPolicy, cast_frozen_weights
 from lightning_sdrl.policies.components import TextToImageComponents
 from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.decoding import decode_to_images
 from lightning_sdrl.policies.kernels import DDIMStep
 from lightning_sdrl.policies.loading import check_source, hub_kwargs, load_clip_tokenizer, load_component, resolve_dtype
 from lightning_sdrl.policies.lora import LoRASettings
@@ -144,10 +145,7 @@ class TextToImagePolicy(DiffusionPolicy):
 
     def decode(self, sample: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` (VAE decode, or pixels directly)."""
-        if self.vae is not None:
-            sample = self.vae.decode(sample.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        images = (sample.float() / 2 + 0.5).clamp(0, 1)
-        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        return decode_to_images(self.vae, sample)
 
 
 class StableDiffusionPolicy(TextToImagePolicy):
