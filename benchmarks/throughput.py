@@ -1,12 +1,14 @@
-"""Sampling and RL training throughput, FLOP rate and peak memory: DDPO on SD1.5, GRPO on SD3.
+"""Sampling and RL training throughput, FLOP rate and peak memory: DDPO on SD1.5 and SDXL, GRPO on SD3.
 
 Compares, at equal settings, our sampler (which keeps every latent and step log-prob) with the
 stock diffusers pipeline call on the same denoiser / VAE / text encoders, and times one RL epoch
 (sampling + PPO updates over every timestep) through the real LightningModule and a Lightning
-``Trainer``. Two model families:
+``Trainer``. Three model families:
 
 - Stable Diffusion 1.x (``tiny``, ``sd15``): DDIM sampling vs ``StableDiffusionPipeline``, a
   ``DDPOModule`` epoch, LoRA rank 4.
+- Stable Diffusion XL (``sdxl-tiny``, ``sdxl``): DDIM sampling vs ``StableDiffusionXLPipeline``,
+  a ``DDPOModule`` epoch, LoRA rank 4 (``sdxl``: 1024x1024 unless ``--resolution``).
 - Stable Diffusion 3 (``sd3-tiny``, ``sd35-medium``): Flow-GRPO's SDE sampling vs
   ``StableDiffusion3Pipeline`` (its Euler ODE), a ``GRPOModule`` epoch on one prompt whose group
   is the whole batch, LoRA rank 32 / alpha 64 on Flow-GRPO's target modules.
@@ -21,6 +23,8 @@ frozen weights; LoRA trains in float32), ``--compile`` (eager and ``torch.compil
     python benchmarks/throughput.py --architecture sd15 --compile --weights-dtype float32 bfloat16   # CUDA
     python benchmarks/throughput.py --architecture sd3-tiny      # CPU: tiny SD3 components
     python benchmarks/throughput.py --architecture sd35-medium   # CUDA: SD3.5 Medium, bf16, 512x512
+    python benchmarks/throughput.py --architecture sdxl-tiny     # CPU: tiny SDXL components
+    python benchmarks/throughput.py --architecture sdxl          # CUDA: SDXL base, bf16, 1024x1024
 
 Prints one table; figures are recorded in docs/benchmarks.md (benchmarks/gpu_all.sh runs the GPU ones).
 """
@@ -36,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -46,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_sdrl.data.sampling import SamplingDataModule
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.modules.grpo import GRPOModule
-from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy
+from lightning_sdrl.policies import LoRASettings, RandomStableDiffusionXLPolicy, RandomTextToImagePolicy
 from lightning_sdrl.policies.architectures import sd3_components
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.policies.loading import resolve_dtype
@@ -55,9 +60,16 @@ from lightning_sdrl.rewards.simple import Brightness
 
 SD15_ARCHITECTURES = ("tiny", "sd15")
 SD3_ARCHITECTURES = ("sd3-tiny", "sd35-medium")
+SDXL_ARCHITECTURES = ("sdxl-tiny", "sdxl")
 DEFAULTS = {  # per family: sampling steps, guidance, eta / noise level (DDPO's and Flow-GRPO's)
     "sd15": {"steps": 50, "guidance": 5.0, "eta": 1.0},
+    "sdxl": {"steps": 50, "guidance": 5.0, "eta": 1.0},
     "sd3": {"steps": 10, "guidance": 4.5, "eta": 0.7},
+}
+FAMILIES = {
+    **dict.fromkeys(SD15_ARCHITECTURES, "sd15"),
+    **dict.fromkeys(SD3_ARCHITECTURES, "sd3"),
+    **dict.fromkeys(SDXL_ARCHITECTURES, "sdxl"),
 }
 SD3_LORA = LoRASettings(rank=32, alpha=64, target_modules=list(FLOW_GRPO_LORA_TARGET_MODULES))
 PROMPT = "a photo of a cat"
@@ -141,12 +153,47 @@ class Setup:
     notes: list[str]
 
 
+def stock_call(pipe: Any, args: argparse.Namespace, device: torch.device, **settings: Any) -> Callable[[], Tensor]:
+    """The stock pipeline's call at the benchmark's batch, steps and guidance (plus ``settings``), images out."""
+
+    def stock() -> Tensor:
+        return pipe(
+            [PROMPT] * args.batch,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            output_type="pt",
+            generator=torch.Generator(device).manual_seed(0),
+            **settings,
+        ).images
+
+    return stock
+
+
+def ddpo_module(policy: DiffusionPolicy, args: argparse.Namespace) -> Callable[[int], DDPOModule]:
+    """A fresh ``DDPOModule`` over ``policy`` with the benchmark's settings, given its ``timestep_batch``."""
+
+    def module(timestep_batch: int) -> DDPOModule:
+        return DDPOModule(
+            policy,
+            Brightness(),
+            num_steps=args.steps,
+            eta=args.eta,
+            guidance_scale=args.guidance,
+            train_batch_size=args.train_batch,
+            timestep_batch=timestep_batch,
+            sample_grid_every_n_epochs=0,
+            save_trained_on_end=False,
+        )
+
+    return module
+
+
 def sd15_setup(args: argparse.Namespace, device: torch.device, variant: Variant) -> Setup:
     """DDPO on a Stable Diffusion 1.x architecture, frozen weights in ``variant.weights`` (``torch_dtype``)."""
     if args.resolution is not None or args.no_t5:
         raise ValueError(
-            f"--resolution / --no-t5 apply to {SD3_ARCHITECTURES} only; drop them for "
-            f"--architecture {args.architecture}"
+            f"--resolution applies to {SD3_ARCHITECTURES + SDXL_ARCHITECTURES} only and --no-t5 to "
+            f"{SD3_ARCHITECTURES}; drop them for --architecture {args.architecture}"
         )
     policy = RandomTextToImagePolicy(
         args.architecture, lora=LoRASettings(rank=4), torch_dtype=variant.weights, compile=variant.compiled
@@ -163,31 +210,35 @@ def sd15_setup(args: argparse.Namespace, device: torch.device, variant: Variant)
     )
     pipe.set_progress_bar_config(disable=True)
 
-    def stock() -> Tensor:
-        return pipe(
-            [PROMPT] * args.batch,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            eta=args.eta,
-            output_type="pt",
-            generator=torch.Generator(device).manual_seed(0),
-        ).images
-
-    def module(timestep_batch: int) -> DDPOModule:
-        return DDPOModule(
-            policy,
-            Brightness(),
-            num_steps=args.steps,
-            eta=args.eta,
-            guidance_scale=args.guidance,
-            train_batch_size=args.train_batch,
-            timestep_batch=timestep_batch,
-            sample_grid_every_n_epochs=0,
-            save_trained_on_end=False,
-        )
-
+    stock = stock_call(pipe, args, device, eta=args.eta)
     header = f"CFG {args.guidance}, eta {args.eta}, LoRA rank 4"
-    return Setup(policy, stock, type(pipe).__name__, module, 1, header, [])
+    return Setup(policy, stock, type(pipe).__name__, ddpo_module(policy, args), 1, header, [])
+
+
+def sdxl_setup(args: argparse.Namespace, device: torch.device, variant: Variant) -> Setup:
+    """DDPO on a Stable Diffusion XL architecture, built on ``device`` in ``variant.weights``, LoRA rank 4."""
+    if args.architecture == "sdxl" and device.type != "cuda":
+        raise ValueError("--architecture sdxl needs a CUDA device; on CPU use --architecture sdxl-tiny")
+    if args.no_t5:
+        raise ValueError(f"--no-t5 applies to {SD3_ARCHITECTURES} only; SDXL has no T5: drop it")
+    policy = RandomStableDiffusionXLPolicy(
+        args.architecture,
+        lora=LoRASettings(rank=4),
+        height=args.resolution,
+        width=args.resolution,
+        torch_dtype=variant.weights,
+        device=device,
+        compile=variant.compiled,
+    )
+    pipe = policy.components().pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    stock = stock_call(pipe, args, device, eta=args.eta, height=policy.height, width=policy.width)
+    base = sum(p.numel() for name, p in policy.unet.named_parameters() if "lora_" not in name)
+    lora = sum(p.numel() for p in policy.trainable_parameters())
+    header = f"{policy.height}x{policy.width}, CFG {args.guidance}, eta {args.eta}, LoRA rank 4"
+    notes = [f"UNet parameters: {base:,} ({base / 1e9:.3g} B); trainable LoRA parameters: {lora:,}"]
+    return Setup(policy, stock, type(pipe).__name__, ddpo_module(policy, args), 1, header, notes)
 
 
 def sd3_setup(args: argparse.Namespace, device: torch.device, variant: Variant) -> Setup:
@@ -209,17 +260,8 @@ def sd3_setup(args: argparse.Namespace, device: torch.device, variant: Variant) 
     pipe = policy.components().pipeline()
     pipe.set_progress_bar_config(disable=True)
 
-    def stock() -> Tensor:
-        return pipe(
-            [PROMPT] * args.batch,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=policy.height,
-            width=policy.width,
-            max_sequence_length=policy.max_sequence_length,
-            output_type="pt",
-            generator=torch.Generator(device).manual_seed(0),
-        ).images
+    length = policy.max_sequence_length
+    stock = stock_call(pipe, args, device, height=policy.height, width=policy.width, max_sequence_length=length)
 
     def module(timestep_batch: int) -> GRPOModule:
         return GRPOModule(
@@ -271,7 +313,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--architecture",
         default=None,
-        choices=SD15_ARCHITECTURES + SD3_ARCHITECTURES,
+        choices=SD15_ARCHITECTURES + SD3_ARCHITECTURES + SDXL_ARCHITECTURES,
         help="default: sd15 on CUDA, tiny on CPU",
     )
     parser.add_argument("--batch", type=int, default=16, help="images per sampling call (GRPO: one group)")
@@ -298,12 +340,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for the MFU column (H100/H200 bf16: ~790)"
     )
-    parser.add_argument("--resolution", type=int, default=None, help="SD3 image side (default: sd35-medium 512)")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="SD3 / SDXL image side (default: sd35-medium 512, sdxl 1024)"
+    )
     parser.add_argument("--no-t5", action="store_true", help="SD3 without the T5-XXL text encoder")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     args.architecture = args.architecture or ("sd15" if cuda else "tiny")
-    family = "sd3" if args.architecture in SD3_ARCHITECTURES else "sd15"
+    family = FAMILIES[args.architecture]
     for key, value in DEFAULTS[family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -334,8 +378,8 @@ def measure(
     FLOPs are counted once (eagerly) and reused: variants run the same operations. Returns the rows,
     our sampler / stock pipeline time, and the setup.
     """
-    sd3 = args.architecture in SD3_ARCHITECTURES
-    setup = (sd3_setup if sd3 else sd15_setup)(args, device, variant)
+    family = FAMILIES[args.architecture]
+    setup = {"sd15": sd15_setup, "sd3": sd3_setup, "sdxl": sdxl_setup}[family](args, device, variant)
     policy = setup.policy
     autocast: AbstractContextManager = (
         torch.autocast(device.type, dtype=compute) if compute != torch.float32 else nullcontext()
@@ -362,7 +406,7 @@ def measure(
         for key, fn in (("ours", ours), ("stock", stock)):
             if key not in flops:
                 flops[key] = count_flops(fn)
-    algorithm = "GRPO" if sd3 else "DDPO"
+    algorithm = "GRPO" if family == "sd3" else "DDPO"
     group = f", one prompt, group of {args.batch}" if setup.group_size > 1 else ""
     rows = [
         Row("our sampler (latents + log-probs)", variant.label, "-", t_ours, flops["ours"], mem_ours),

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sdrl.policies.architectures import sd3_components
+from lightning_sdrl.policies.architectures import sd3_components, sdxl_components
 from lightning_sdrl.policies.sd3 import FLOW_GRPO_LORA_TARGET_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +131,8 @@ def benchmark():
         ("sd3_setup", {"architecture": "sd35-medium"}, "needs a CUDA device; on CPU use --architecture sd3-tiny"),
         ("sd3_setup", {"architecture": "sd3-tiny", "batch": 1}, "GRPO needs a group of at least 2"),
         ("sd15_setup", {"architecture": "tiny", "no_t5": True}, "drop them for --architecture tiny"),
+        ("sdxl_setup", {"architecture": "sdxl"}, "needs a CUDA device; on CPU use --architecture sdxl-tiny"),
+        ("sdxl_setup", {"architecture": "sdxl-tiny", "no_t5": True}, "SDXL has no T5: drop it"),
     ],
 )
 def test_bad_arguments_raise_a_clear_error_before_building(benchmark, setup, arguments, message):
@@ -150,3 +152,16 @@ def test_flops_are_counted_eagerly_and_compile_is_restored(benchmark):
     with benchmark.eager(policy):
         seen.append(policy.compile_mode)
     assert seen == ["max-autotune", None] and policy.compile_mode == "max-autotune"
+
+
+def test_sdxl_tiny_compares_with_the_stock_sdxl_pipeline_and_counts_the_unet():
+    result = run_benchmark("--architecture", "sdxl-tiny", "--batch", "2", "--steps", "2", "--repeats", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("## "))
+    assert header.startswith("## sdxl-tiny on CPU, torch.float32 compute, batch 2, 2 steps, 16x16, CFG 5.0, eta 1.0")
+    labels = {line.split("|")[1].strip() for line in lines if line.startswith("| ")}
+    assert {"stock StableDiffusionXLPipeline", "DDPO epoch (sample + train)"} <= labels, result.stdout
+    unet = sdxl_components("sdxl-tiny", seed=0).unet
+    match = re.search(r"UNet parameters: ([0-9,]+) ", result.stdout)
+    assert int(match.group(1).replace(",", "")) == sum(p.numel() for p in unet.parameters())

@@ -15,6 +15,8 @@ from lightning_sdrl.policies.sd3 import (
     StableDiffusion3Policy,
 )
 from lightning_sdrl.policies.sd3_components import SD3Components
+from lightning_sdrl.policies.sdxl import RandomStableDiffusionXLPolicy, SDXLPolicy, StableDiffusionXLPolicy
+from lightning_sdrl.policies.sdxl_components import SDXLComponents
 from lightning_sdrl.policies.solvers import ODESolver, Solver, solver_scheduler
 from lightning_sdrl.policies.text_to_image import (
     RandomTextToImagePolicy,
@@ -34,13 +36,17 @@ __all__ = [
     "ODESolver",
     "ParameterCopy",
     "RandomStableDiffusion3Policy",
+    "RandomStableDiffusionXLPolicy",
     "RandomTextToImagePolicy",
     "SD3Components",
     "SD3Policy",
+    "SDXLComponents",
+    "SDXLPolicy",
     "Samples",
     "Solver",
     "StableDiffusion3Policy",
     "StableDiffusionPolicy",
+    "StableDiffusionXLPolicy",
     "StepKernel",
     "TextToImageComponents",
     "TextToImagePolicy",

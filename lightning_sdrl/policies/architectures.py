@@ -3,7 +3,7 @@
 Tiny ones serve CPU tests; Stable Diffusion 1.5's and 3.5 Medium's serve benchmarks (no download:
 time does not depend on weight values). One registry, :data:`ARCHITECTURES`, holds them all; each
 entry says which components it builds (Stable Diffusion 1.x-style :class:`TextToImageComponents`
-or :class:`SD3Components`) and which policy class takes its name.
+, :class:`SD3Components` or :class:`SDXLComponents`) and which policy class takes its name.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from diffusers import (
 from lightning_sdrl.policies.components import TextToImageComponents
 from lightning_sdrl.policies.pixel import PixelTextToImageArchitecture, pixel_text_to_image_components
 from lightning_sdrl.policies.sd3_components import SD3Components
+from lightning_sdrl.policies.sdxl_components import SDXLComponents
 from lightning_sdrl.policies.text_encoders import clip_text_encoder, clip_text_encoder_with_projection, t5_encoder
 from lightning_sdrl.policies.tokenizers import char_clip_tokenizer, clip_tokenizer, unigram_t5_tokenizer
 
@@ -33,7 +34,9 @@ TextToImageArchitectureName = Literal["tiny", "tiny-pixel", "sd15", "digits"]
 """The names of :data:`ARCHITECTURES` that build :class:`TextToImageComponents` (``RandomTextToImagePolicy``)."""
 SD3ArchitectureName = Literal["sd3-tiny", "sd35-medium"]
 """The names of :data:`ARCHITECTURES` that build :class:`SD3Components` (``RandomStableDiffusion3Policy``)."""
-ArchitectureName = Literal[TextToImageArchitectureName, SD3ArchitectureName]
+SDXLArchitectureName = Literal["sdxl-tiny", "sdxl"]
+"""The names of :data:`ARCHITECTURES` that build :class:`SDXLComponents` (``RandomStableDiffusionXLPolicy``)."""
+ArchitectureName = Literal[TextToImageArchitectureName, SD3ArchitectureName, SDXLArchitectureName]
 """The names of :data:`ARCHITECTURES`."""
 
 
@@ -209,6 +212,95 @@ def _sd3_style_components(architecture: str, seed: int) -> SD3Components:
     )
 
 
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+"""``UNet2DConditionModel`` config of ``stabilityai/stable-diffusion-xl-base-1.0``: three levels,
+10 transformer layers at the lowest, cross-attention to CLIP-L + bigG (768 + 1280 = 2048 wide), the
+added time embedding of the pooled bigG embedding (1280) and six size numbers (6 x 256)."""
+
+SDXL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+"""``AutoencoderKL`` config of Stable Diffusion XL (Stable Diffusion's layout, scaling 0.13025, float32
+decoding under float16)."""
+
+
+def _sdxl_style_components(architecture: str, seed: int) -> SDXLComponents:
+    """``"sdxl-tiny"`` or ``"sdxl"`` (see :data:`ARCHITECTURES`), seeded."""
+    torch.manual_seed(seed)
+    if architecture == "sdxl-tiny":
+        tokenizer, tokenizer_2 = char_clip_tokenizer(max_length=16), char_clip_tokenizer(max_length=16, pad_token="!")
+        text_encoder = clip_text_encoder(len(tokenizer), 16, 2, 2, 32, 16)
+        text_encoder_2 = clip_text_encoder_with_projection(len(tokenizer), 16, 2, 2, 32, 16, 16, "gelu")
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=16 + 16,
+            norm_num_groups=8,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 16,
+        )
+        vae_config = {
+            **SDXL_VAE,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "block_out_channels": (8, 16),
+            "layers_per_block": 1,
+            "norm_num_groups": 1,  # as sd3-tiny's: per-channel groups would normalise brightness away
+            "sample_size": 16,
+            "scaling_factor": 0.5,  # SDXL's 0.13025 would saturate this random decoder's images
+        }
+    else:
+        tokenizer, tokenizer_2 = clip_tokenizer(max_length=77), clip_tokenizer(max_length=77, pad_token="!")
+        # CLIP ViT-L/14 (no projection: SDXL reads its hidden states only) and OpenCLIP bigG/14
+        text_encoder = clip_text_encoder(len(tokenizer), 768, 12, 12, 3072, 77)
+        text_encoder_2 = clip_text_encoder_with_projection(len(tokenizer), 1280, 32, 20, 5120, 77, 1280, "gelu")
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae_config = SDXL_VAE
+    return SDXLComponents(
+        unet=unet,
+        vae=AutoencoderKL(**vae_config),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=stable_diffusion_scheduler(),
+    )
+
+
 @dataclass(frozen=True)
 class NamedArchitecture:
     """One entry of :data:`ARCHITECTURES`: what it is, what it builds, and how, with random weights.
@@ -263,6 +355,21 @@ ARCHITECTURES: dict[str, NamedArchitecture] = {
         SD3Components,
         "RandomStableDiffusion3Policy",
     ),
+    "sdxl-tiny": NamedArchitecture(
+        "an SDXL-layout UNet (channels 16, 32; 1 and 2 transformer layers; added text-time conditioning) on "
+        "4x8x8 latents, a 2-block VAE with one normalisation group and scaling 0.5 (16x16 images), a 2-layer "
+        "CLIP and a 2-layer CLIP with projection (widths 16) over a character-level tokenizer; CPU tests",
+        lambda seed: _sdxl_style_components("sdxl-tiny", seed),
+        SDXLComponents,
+        "RandomStableDiffusionXLPolicy",
+    ),
+    "sdxl": NamedArchitecture(
+        "Stable Diffusion XL base 1.0's exact UNet (2.57B), VAE (1024x1024 images), CLIP ViT-L/14 and OpenCLIP "
+        "bigG/14 text towers with the real CLIP tokenizer; benchmarks",
+        lambda seed: _sdxl_style_components("sdxl", seed),
+        SDXLComponents,
+        "RandomStableDiffusionXLPolicy",
+    ),
 }
 """Every named architecture, by the names :data:`ArchitectureName` allows."""
 
@@ -279,6 +386,13 @@ def _entry(architecture: str, components: type, caller: str) -> NamedArchitectur
             f"use {entry.policy}({architecture!r}); {caller} takes one of {fitting}"
         )
     return entry
+
+
+def _build(entry: NamedArchitecture, seed: int, dtype: torch.dtype | None, device: torch.device | str | None) -> Any:
+    """``entry.build(seed)`` with the networks created on ``device`` (if given), then cast to ``dtype`` (if given)."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        components = entry.build(seed)
+    return components.to(dtype=dtype) if dtype is not None else components
 
 
 def text_to_image_components(architecture: ArchitectureName = "tiny", seed: int = 0) -> TextToImageComponents:
@@ -312,10 +426,30 @@ def sd3_components(
         >>> components.transformer.config.num_layers, components.vae.config.latent_channels
         (24, 16)
     """
-    entry = _entry(architecture, SD3Components, "RandomStableDiffusion3Policy")
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        components = entry.build(seed)
-    return components.to(dtype=dtype) if dtype is not None else components
+    return _build(_entry(architecture, SD3Components, "RandomStableDiffusion3Policy"), seed, dtype, device)
+
+
+def sdxl_components(
+    architecture: SDXLArchitectureName = "sdxl-tiny",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> SDXLComponents:
+    """Randomly initialised components of a named Stable Diffusion XL architecture (:data:`ARCHITECTURES`).
+
+    Args:
+        architecture: ``"sdxl-tiny"`` or ``"sdxl"``.
+        seed: initialisation seed.
+        dtype: cast every network to it after building (e.g. ``torch.float16``); ``None`` keeps float32.
+        device: build the networks there (``"meta"`` allocates nothing, e.g. to count parameters).
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     components = sdxl_components("sdxl")
+        >>> components.unet.config.cross_attention_dim, components.vae.config.scaling_factor
+        (2048, 0.13025)
+    """
+    return _build(_entry(architecture, SDXLComponents, "RandomStableDiffusionXLPolicy"), seed, dtype, device)
 
 
 def tiny_class_conditional_unet(

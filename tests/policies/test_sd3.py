@@ -14,6 +14,7 @@ from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy, TextT
 from lightning_sdrl.policies.architectures import (
     ARCHITECTURES,
     SD3ArchitectureName,
+    SDXLArchitectureName,
     TextToImageArchitectureName,
     sd3_components,
 )
@@ -26,6 +27,7 @@ from lightning_sdrl.policies.sd3 import (
     StableDiffusion3Policy,
 )
 from lightning_sdrl.policies.sd3_components import SD3Components
+from lightning_sdrl.policies.sdxl_components import SDXLComponents
 from lightning_sdrl.policies.tokenizers import unigram_t5_tokenizer
 from tests.conftest import randomize_lora
 
@@ -346,7 +348,11 @@ def test_sd3_tiny_is_tiny_and_buildable_in_another_dtype():
 
 
 def test_the_typed_names_split_the_registry_by_what_they_build():
-    kinds = {TextToImageArchitectureName: TextToImageComponents, SD3ArchitectureName: SD3Components}
+    kinds = {
+        TextToImageArchitectureName: TextToImageComponents,
+        SD3ArchitectureName: SD3Components,
+        SDXLArchitectureName: SDXLComponents,
+    }
     for names, components in kinds.items():
         assert sorted(get_args(names)) == sorted(n for n, e in ARCHITECTURES.items() if e.components is components)
 
