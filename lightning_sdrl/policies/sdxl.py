@@ -104,15 +104,15 @@ def encode_sdxl_prompts(components: SDXLComponents, prompts: list[str]) -> tuple
     """
     if not prompts:
         raise ValueError("prompts is empty; expected at least one prompt")
-    hidden = []
-    for tokenizer, encoder in (
-        (components.tokenizer, components.text_encoder),
-        (components.tokenizer_2, components.text_encoder_2),
-    ):
-        output = encoder(token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
-        hidden.append(output.hidden_states[-2])
-    dtype = components.text_encoder_2.dtype
-    return torch.cat(hidden, dim=-1).to(dtype), output.text_embeds
+    first, second = (
+        encoder(token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
+        for tokenizer, encoder in (
+            (components.tokenizer, components.text_encoder),
+            (components.tokenizer_2, components.text_encoder_2),
+        )
+    )
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return hidden.to(components.text_encoder_2.dtype), second.text_embeds
 
 
 def sdxl_time_ids(height: int, width: int, batch_size: int) -> Tensor:

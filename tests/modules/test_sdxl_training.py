@@ -79,26 +79,17 @@ def _grpo(policy):
     )
 
 
-def _refl(policy):
-    return ReFLModule(
-        policy,
-        Brightness(),
-        num_steps=3,
-        eta=1.0,
-        guidance_scale=2.0,
-        grad_step_range=(1, 3),
-        save_trained_on_end=False,
-    )
-
-
 def _awm(policy):
     return AWMModule(
         policy, Brightness(), num_steps=4, train_timesteps=2, train_batch_size=4, sample_grid_every_n_epochs=0
     )
 
 
-@pytest.mark.parametrize("make", [_grpo, _refl, _awm], ids=["grpo", "refl", "awm"])
-def test_grpo_refl_and_awm_train_the_tiny_sdxl_lora(make, tmp_path):
+@pytest.mark.parametrize("make", [_grpo, _awm], ids=["grpo", "awm"])
+def test_grpo_and_awm_train_the_tiny_sdxl_lora(make, tmp_path):
+    """Both update the LoRA (finite); on this random model their brightness change was not robust to the
+    data seed at such short runs (GRPO lr 0.1, 8 epochs: +0.020 on seed 0, -0.010 on seed 5), so no
+    reward-rise assertion here: DDPO, DiffusionNFT and ReFL carry that for SDXL."""
     policy = RandomStableDiffusionXLPolicy("sdxl-tiny", lora=LoRASettings(rank=4))
     before = lora_snapshot(policy)
     data = SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1, group_size=4)
@@ -106,6 +97,25 @@ def test_grpo_refl_and_awm_train_the_tiny_sdxl_lora(make, tmp_path):
     after = lora_snapshot(policy)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_refl_on_tiny_sdxl_raises_brightness(tmp_path):
+    """Reward gradients through the last DDIM steps; measured +0.017 (data seeds 5, 7: +0.020, +0.011)."""
+    policy = RandomStableDiffusionXLPolicy("sdxl-tiny", lora=LoRASettings(rank=4))
+    module = ReFLModule(
+        policy,
+        Brightness(),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.1),
+        num_steps=4,
+        eta=1.0,
+        guidance_scale=2.0,
+        grad_step_range=(2, 4),
+        save_trained_on_end=False,
+    )
+    data = SamplingDataModule(prompts=["a bright square", "a dark circle"], batch_size=4, num_batches_per_epoch=2)
+    tiny_trainer(tmp_path, 4).fit(module, data)
+    before, after = fixed_noise_brightness(policy, False, 1.0, 2.0), fixed_noise_brightness(policy, True, 1.0, 2.0)
+    assert after > before + 0.005, (before, after)
 
 
 def test_two_process_ddpo_on_tiny_sdxl_stays_in_lockstep(tmp_path):
