@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
+from lightning_sdrl.functional.flow_schedule import flux_sigmas
 from lightning_sdrl.functional.flow_sde import cps_step_distribution, flow_sde_step_distribution
 from lightning_sdrl.functional.gaussian import StepDistribution
 
@@ -33,6 +34,10 @@ class FlowSDEStep:
             (a private copy, so ``set_timesteps`` here changes no other object).
         variant: ``"sde"`` (Flow-GRPO's reverse SDE) or ``"cps"`` (coefficients-preserving
             sampling, whose last step, to sigma 0, is deterministic).
+        mu: the resolution-dependent shift of a scheduler with ``use_dynamic_shifting`` (FLUX.1:
+            :func:`~lightning_sdrl.functional.flow_schedule.resolution_shift` of the image's latent
+            tokens); the sampling sigmas are then FLUX.1's ``linspace(1, 1 / n, n)`` shifted by it,
+            as ``FluxPipeline`` sets them. Required exactly when the scheduler shifts dynamically.
 
     Example:
         >>> import torch
@@ -44,22 +49,33 @@ class FlowSDEStep:
         (torch.Size([1, 2]), tensor([[0.7000]]))
     """
 
-    def __init__(self, scheduler: Any, variant: FlowSDEVariant = "sde") -> None:
+    def __init__(self, scheduler: Any, variant: FlowSDEVariant = "sde", mu: float | None = None) -> None:
         if variant not in _DISTRIBUTIONS:
             raise ValueError(f"variant={variant!r}; expected one of {list(get_args(FlowSDEVariant))}")
-        if scheduler.config.get("use_dynamic_shifting", False):
+        dynamic = bool(scheduler.config.get("use_dynamic_shifting", False))
+        if dynamic and mu is None:
             raise ValueError(
-                "scheduler.config.use_dynamic_shifting=True needs a resolution-dependent mu in set_timesteps, "
-                "which FlowSDEStep does not pass; build the scheduler with use_dynamic_shifting=False and a fixed shift"
+                "scheduler.config.use_dynamic_shifting=True needs the resolution-dependent shift: pass "
+                "mu=resolution_shift(image_seq_len, scheduler.config) (lightning_sdrl.functional.flow_schedule), "
+                "or build the scheduler with use_dynamic_shifting=False and a fixed shift"
+            )
+        if not dynamic and mu is not None:
+            raise ValueError(
+                f"mu={mu} is read only by a scheduler with use_dynamic_shifting=True; this one has a fixed "
+                f"shift ({scheduler.config.get('shift')}): drop mu"
             )
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         self.variant = variant
+        self.mu = mu
 
     def set_timesteps(self, num_steps: int) -> Tensor:
         """Set the scheduler's inference timesteps (only if they change); returns them (on the CPU)."""
         # a fresh FlowMatchEulerDiscreteScheduler has no num_inference_steps until set_timesteps
         if getattr(self.scheduler, "num_inference_steps", None) != num_steps:
-            self.scheduler.set_timesteps(num_steps)
+            if self.mu is None:
+                self.scheduler.set_timesteps(num_steps)
+            else:  # FluxPipeline's: unshifted linspace(1, 1 / n, n), shifted by mu
+                self.scheduler.set_timesteps(sigmas=flux_sigmas(num_steps).tolist(), mu=self.mu)
         return self.scheduler.timesteps
 
     def is_stochastic(self, step: int, eta: float) -> bool:
@@ -75,4 +91,5 @@ class FlowSDEStep:
         return _DISTRIBUTIONS[self.variant](self.scheduler, model_output, timestep, sample, eta)
 
     def __repr__(self) -> str:
-        return f"FlowSDEStep(variant={self.variant!r}, shift={self.scheduler.config.shift})"
+        shift = f"mu={self.mu}" if self.mu is not None else f"shift={self.scheduler.config.shift}"
+        return f"FlowSDEStep(variant={self.variant!r}, {shift})"

@@ -110,3 +110,74 @@ def test_is_stochastic_marks_only_cps_last_step_and_eta_zero_deterministic():
     for kernel in (sde, cps):
         stds = [float(kernel.distribution(x, t, x, 0.7).std.max()) for t in kernel.scheduler.timesteps]
         assert [s > 0 for s in stds] == [kernel.is_stochastic(j, 0.7) for j in range(5)]
+
+
+# ------------------------------------------------------------------ FLUX.1's resolution-dependent shift
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler config: dynamic (exponential) shifting between 0.5 and 1.15."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def test_resolution_shift_is_the_flux_pipelines_calculate_shift():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from lightning_sdrl.functional.flow_schedule import resolution_shift
+
+    config = flux_scheduler().config
+    for tokens in (16, 256, 1024, 4096, 6000):
+        assert resolution_shift(tokens, config) == pytest.approx(calculate_shift(tokens), abs=1e-12)
+    other = {**config, "base_shift": 0.3, "max_shift": 2.0, "max_image_seq_len": 1024}
+    assert resolution_shift(640, other) == pytest.approx(calculate_shift(640, 256, 1024, 0.3, 2.0), abs=1e-12)
+
+
+@pytest.mark.parametrize("steps", [4, 28])
+@pytest.mark.parametrize("variant", ["sde", "cps"])
+def test_on_fluxs_shifted_schedule_the_steps_are_the_independent_float64_gaussians(steps, variant):
+    """The kernel's schedule is FluxPipeline's (linspace(1, 1/n, n) shifted by mu), and every step's
+    Gaussian is the float64 formula on those sigmas (its log-density too)."""
+    from lightning_sdrl.functional.flow_schedule import flux_sigmas, resolution_shift
+    from lightning_sdrl.functional.gaussian import gaussian_log_prob
+    from tests.functional.test_flow_sde import reference_cps, reference_log_prob, reference_sde
+
+    mu = resolution_shift(1024, flux_scheduler().config)  # a 1024x1024 image: 64 x 64 packed tokens / 4
+    kernel = FlowSDEStep(flux_scheduler(), variant=variant, mu=mu)
+    timesteps = kernel.set_timesteps(steps)
+    pipeline = flux_scheduler()
+    pipeline.set_timesteps(sigmas=flux_sigmas(steps).tolist(), mu=mu)  # what FluxPipeline passes
+    torch.testing.assert_close(timesteps, pipeline.timesteps, rtol=0, atol=0)
+    torch.testing.assert_close(kernel.scheduler.sigmas, pipeline.sigmas, rtol=0, atol=0)
+    unshifted = torch.tensor(flux_sigmas(steps), dtype=torch.float64)
+    shifted = math.exp(mu) / (math.exp(mu) + 1 / unshifted - 1)
+    torch.testing.assert_close(kernel.scheduler.sigmas[:-1].double(), shifted, rtol=0, atol=1e-6)
+    reference = reference_sde if variant == "sde" else reference_cps
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 4, generator=generator)
+    for i, t in enumerate(timesteps):
+        v = torch.randn(x.shape, generator=generator)
+        dist = kernel.distribution(v, t, x, 0.7)
+        mean, std = reference(kernel.scheduler, i, x, v, 0.7)
+        torch.testing.assert_close(dist.mean.double(), mean, atol=2e-6, rtol=0)
+        torch.testing.assert_close(dist.std.double().flatten()[0], torch.tensor(std, dtype=torch.float64))
+        if not kernel.is_stochastic(i, 0.7):
+            assert variant == "cps" and i == steps - 1 and std == 0  # CPS's step to sigma 0
+            break
+        prev, log_prob = sample_step(dist, x.dtype, generator)
+        torch.testing.assert_close(log_prob.double(), reference_log_prob(prev, mean, std), atol=1e-5, rtol=0)
+        assert torch.allclose(gaussian_log_prob(prev, dist.mean, dist.std), log_prob)
+        x = prev
+
+
+def test_mu_goes_with_dynamic_shifting_only():
+    with pytest.raises(ValueError, match=r"pass mu=resolution_shift\(image_seq_len, scheduler.config\)"):
+        FlowSDEStep(flux_scheduler())
+    with pytest.raises(ValueError, match=r"mu=0.8 is read only by a scheduler with use_dynamic_shifting=True"):
+        FlowSDEStep(sd3_scheduler(), mu=0.8)
+    assert repr(FlowSDEStep(flux_scheduler(), mu=0.63)) == "FlowSDEStep(variant='sde', mu=0.63)"
