@@ -4,6 +4,8 @@ from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
 from lightning_sdrl.policies.class_conditional import ClassConditionalPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.flow_kernels import FlowSDEStep
+from lightning_sdrl.policies.flux import FluxPolicy, FluxPretrainedPolicy, RandomFluxPolicy
+from lightning_sdrl.policies.flux_components import FluxComponents
 from lightning_sdrl.policies.kernels import DDIMStep, StepKernel
 from lightning_sdrl.policies.lora import LoRASettings
 from lightning_sdrl.policies.old_policy import ParameterCopy
@@ -32,9 +34,13 @@ __all__ = [
     "DDIMStep",
     "DiffusionPolicy",
     "FlowSDEStep",
+    "FluxComponents",
+    "FluxPolicy",
+    "FluxPretrainedPolicy",
     "LoRASettings",
     "ODESolver",
     "ParameterCopy",
+    "RandomFluxPolicy",
     "RandomStableDiffusion3Policy",
     "RandomStableDiffusionXLPolicy",
     "RandomTextToImagePolicy",

@@ -18,12 +18,14 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
 
 from lightning_sdrl.policies.components import TextToImageComponents
+from lightning_sdrl.policies.flux_components import FluxComponents
 from lightning_sdrl.policies.pixel import PixelTextToImageArchitecture, pixel_text_to_image_components
 from lightning_sdrl.policies.sd3_components import SD3Components
 from lightning_sdrl.policies.sdxl_components import SDXLComponents
@@ -36,7 +38,9 @@ SD3ArchitectureName = Literal["sd3-tiny", "sd35-medium"]
 """The names of :data:`ARCHITECTURES` that build :class:`SD3Components` (``RandomStableDiffusion3Policy``)."""
 SDXLArchitectureName = Literal["sdxl-tiny", "sdxl"]
 """The names of :data:`ARCHITECTURES` that build :class:`SDXLComponents` (``RandomStableDiffusionXLPolicy``)."""
-ArchitectureName = Literal[TextToImageArchitectureName, SD3ArchitectureName, SDXLArchitectureName]
+FluxArchitectureName = Literal["flux-tiny", "flux-dev"]
+"""The names of :data:`ARCHITECTURES` that build :class:`FluxComponents` (``RandomFluxPolicy``)."""
+ArchitectureName = Literal[TextToImageArchitectureName, SD3ArchitectureName, SDXLArchitectureName, FluxArchitectureName]
 """The names of :data:`ARCHITECTURES`."""
 
 
@@ -301,6 +305,104 @@ def _sdxl_style_components(architecture: str, seed: int) -> SDXLComponents:
     )
 
 
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+"""``FluxTransformer2DModel`` config of ``black-forest-labs/FLUX.1-dev``: 19 double- and 38 single-stream
+blocks of width 3072 over 2x2-packed 16-channel latents, with the guidance embedding."""
+
+FLUX_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+"""``AutoencoderKL`` config of FLUX.1 (16 latent channels, scaling 0.3611, shift 0.1159)."""
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's schedule: 1000 training steps, the time shift of the image's token count (0.5 at 256, 1.15 at 4096)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def _flux_style_components(architecture: str, seed: int) -> FluxComponents:
+    """``"flux-tiny"`` or ``"flux-dev"`` (see :data:`ARCHITECTURES`), seeded (the VAE drawn first)."""
+    torch.manual_seed(seed)
+    if architecture == "flux-tiny":
+        # one normalisation group, as sd3-tiny's (per-channel groups would normalise brightness away); drawn
+        # first, this random decoder's brightness follows the latents (+0.03 for a +0.5 shift of them)
+        vae = AutoencoderKL(
+            **{
+                **FLUX_VAE,
+                "down_block_types": ("DownEncoderBlock2D",) * 2,
+                "up_block_types": ("UpDecoderBlock2D",) * 2,
+                "block_out_channels": (8, 16),
+                "layers_per_block": 1,
+                "latent_channels": 4,
+                "norm_num_groups": 1,
+                "sample_size": 16,
+                "scaling_factor": 1.5,
+                "shift_factor": 0.25,
+            }
+        )
+        tokenizer, tokenizer_2 = char_clip_tokenizer(max_length=16), unigram_t5_tokenizer()
+        text_encoder = clip_text_encoder(len(tokenizer), 16, 2, 2, 32, 16)
+        text_encoder_2 = t5_encoder(len(tokenizer_2), d_model=32, d_ff=32, layers=2, heads=2, d_kv=8)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * 4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=16,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        )
+    else:
+        vae = AutoencoderKL(**FLUX_VAE)
+        tokenizer, tokenizer_2 = clip_tokenizer(max_length=77), unigram_t5_tokenizer(max_length=512)
+        text_encoder = clip_text_encoder(len(tokenizer), 768, 12, 12, 3072, 77)  # CLIP ViT-L/14
+        text_encoder_2 = t5_encoder(32128, d_model=4096, d_ff=10240, layers=24, heads=64, d_kv=64)  # T5 v1.1 XXL
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+    return FluxComponents(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=flux_scheduler(),
+    )
+
+
 @dataclass(frozen=True)
 class NamedArchitecture:
     """One entry of :data:`ARCHITECTURES`: what it is, what it builds, and how, with random weights.
@@ -369,6 +471,23 @@ ARCHITECTURES: dict[str, NamedArchitecture] = {
         lambda seed: _sdxl_style_components("sdxl", seed),
         SDXLComponents,
         "RandomStableDiffusionXLPolicy",
+    ),
+    "flux-tiny": NamedArchitecture(
+        "a FLUX.1-layout transformer (1 double- and 1 single-stream block, 2 heads of 8, guidance embedding) "
+        "over 2x2-packed 4x8x8 latents, a 2-block VAE with one normalisation group, scaling 1.5 and shift 0.25 "
+        "(16x16 images), a 2-layer width-16 CLIP over a character-level tokenizer, a 2-layer width-32 T5 over a "
+        "small unigram tokenizer, resolution-shifted flow matching; CPU tests",
+        lambda seed: _flux_style_components("flux-tiny", seed),
+        FluxComponents,
+        "RandomFluxPolicy",
+    ),
+    "flux-dev": NamedArchitecture(
+        "FLUX.1-dev's exact transformer (11.9B, with the guidance embedding), VAE (1024x1024 images), CLIP-L/14 "
+        "text tower with the real CLIP tokenizer and T5 v1.1 XXL encoder (over the small unigram tokenizer); "
+        "benchmarks",
+        lambda seed: _flux_style_components("flux-dev", seed),
+        FluxComponents,
+        "RandomFluxPolicy",
     ),
 }
 """Every named architecture, by the names :data:`ArchitectureName` allows."""
@@ -450,6 +569,23 @@ def sdxl_components(
         (2048, 0.13025)
     """
     return _build(_entry(architecture, SDXLComponents, "RandomStableDiffusionXLPolicy"), seed, dtype, device)
+
+
+def flux_components(
+    architecture: FluxArchitectureName = "flux-tiny",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> FluxComponents:
+    """Randomly initialised components of a named FLUX.1 architecture (:data:`ARCHITECTURES`).
+
+    Args:
+        architecture: ``"flux-tiny"`` or ``"flux-dev"``.
+        seed: initialisation seed.
+        dtype: cast every network to it after building (e.g. ``torch.bfloat16``); ``None`` keeps float32.
+        device: build the networks there (``"meta"`` allocates nothing, e.g. to count parameters).
+    """
+    return _build(_entry(architecture, FluxComponents, "RandomFluxPolicy"), seed, dtype, device)
 
 
 def tiny_class_conditional_unet(

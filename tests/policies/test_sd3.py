@@ -13,12 +13,14 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from lightning_sdrl.policies import LoRASettings, RandomTextToImagePolicy, TextToImageComponents
 from lightning_sdrl.policies.architectures import (
     ARCHITECTURES,
+    FluxArchitectureName,
     SD3ArchitectureName,
     SDXLArchitectureName,
     TextToImageArchitectureName,
     sd3_components,
 )
 from lightning_sdrl.policies.flow_kernels import FlowSDEStep
+from lightning_sdrl.policies.flux_components import FluxComponents
 from lightning_sdrl.policies.lora import LORA_WEIGHTS_FILE
 from lightning_sdrl.policies.sd3 import (
     FLOW_GRPO_LORA_TARGET_MODULES,
@@ -352,6 +354,7 @@ def test_the_typed_names_split_the_registry_by_what_they_build():
         TextToImageArchitectureName: TextToImageComponents,
         SD3ArchitectureName: SD3Components,
         SDXLArchitectureName: SDXLComponents,
+        FluxArchitectureName: FluxComponents,
     }
     for names, components in kinds.items():
         assert sorted(get_args(names)) == sorted(n for n, e in ARCHITECTURES.items() if e.components is components)
