@@ -9,6 +9,9 @@ stock diffusers pipeline call on the same denoiser / VAE / text encoders, and ti
   ``DDPOModule`` epoch, LoRA rank 4.
 - Stable Diffusion XL (``sdxl-tiny``, ``sdxl``): DDIM sampling vs ``StableDiffusionXLPipeline``,
   a ``DDPOModule`` epoch, LoRA rank 4 (``sdxl``: 1024x1024 unless ``--resolution``).
+- FLUX.1 (``flux-tiny``, ``flux-dev``): Flow-GRPO's SDE sampling vs ``FluxPipeline`` (its Euler ODE
+  on the resolution-shifted schedule, guidance embedding 3.5), a ``GRPOModule`` epoch, LoRA rank 32 /
+  alpha 64 on Flow-GRPO's FLUX targets (``flux-dev``: 512x512 unless ``--resolution``).
 - Stable Diffusion 3 (``sd3-tiny``, ``sd35-medium``): Flow-GRPO's SDE sampling vs
   ``StableDiffusion3Pipeline`` (its Euler ODE), a ``GRPOModule`` epoch on one prompt whose group
   is the whole batch, LoRA rank 32 / alpha 64 on Flow-GRPO's target modules.
@@ -25,6 +28,8 @@ frozen weights; LoRA trains in float32), ``--compile`` (eager and ``torch.compil
     python benchmarks/throughput.py --architecture sd35-medium   # CUDA: SD3.5 Medium, bf16, 512x512
     python benchmarks/throughput.py --architecture sdxl-tiny     # CPU: tiny SDXL components
     python benchmarks/throughput.py --architecture sdxl          # CUDA: SDXL base, bf16, 1024x1024
+    python benchmarks/throughput.py --architecture flux-tiny     # CPU: tiny FLUX.1 components
+    python benchmarks/throughput.py --architecture flux-dev      # CUDA: FLUX.1-dev, bf16, 512x512
 
 Prints one table; figures are recorded in docs/benchmarks.md (benchmarks/gpu_all.sh runs the GPU ones).
 """
@@ -51,9 +56,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_sdrl.data.sampling import SamplingDataModule
 from lightning_sdrl.modules.ddpo import DDPOModule
 from lightning_sdrl.modules.grpo import GRPOModule
-from lightning_sdrl.policies import LoRASettings, RandomStableDiffusionXLPolicy, RandomTextToImagePolicy
+from lightning_sdrl.policies import (
+    LoRASettings,
+    RandomFluxPolicy,
+    RandomStableDiffusionXLPolicy,
+    RandomTextToImagePolicy,
+)
 from lightning_sdrl.policies.architectures import sd3_components
 from lightning_sdrl.policies.base import DiffusionPolicy, Trajectory
+from lightning_sdrl.policies.flux import FLOW_GRPO_FLUX_LORA_TARGET_MODULES
 from lightning_sdrl.policies.loading import resolve_dtype
 from lightning_sdrl.policies.sd3 import FLOW_GRPO_LORA_TARGET_MODULES, SD3Policy
 from lightning_sdrl.rewards.simple import Brightness
@@ -61,17 +72,21 @@ from lightning_sdrl.rewards.simple import Brightness
 SD15_ARCHITECTURES = ("tiny", "sd15")
 SD3_ARCHITECTURES = ("sd3-tiny", "sd35-medium")
 SDXL_ARCHITECTURES = ("sdxl-tiny", "sdxl")
+FLUX_ARCHITECTURES = ("flux-tiny", "flux-dev")
 DEFAULTS = {  # per family: sampling steps, guidance, eta / noise level (DDPO's and Flow-GRPO's)
     "sd15": {"steps": 50, "guidance": 5.0, "eta": 1.0},
     "sdxl": {"steps": 50, "guidance": 5.0, "eta": 1.0},
+    "flux": {"steps": 6, "guidance": 3.5, "eta": 0.9},  # Flow-GRPO's FLUX.1 settings
     "sd3": {"steps": 10, "guidance": 4.5, "eta": 0.7},
 }
 FAMILIES = {
     **dict.fromkeys(SD15_ARCHITECTURES, "sd15"),
     **dict.fromkeys(SD3_ARCHITECTURES, "sd3"),
     **dict.fromkeys(SDXL_ARCHITECTURES, "sdxl"),
+    **dict.fromkeys(FLUX_ARCHITECTURES, "flux"),
 }
 SD3_LORA = LoRASettings(rank=32, alpha=64, target_modules=list(FLOW_GRPO_LORA_TARGET_MODULES))
+FLUX_LORA = LoRASettings(rank=32, alpha=64, target_modules=list(FLOW_GRPO_FLUX_LORA_TARGET_MODULES))
 PROMPT = "a photo of a cat"
 
 
@@ -192,8 +207,8 @@ def sd15_setup(args: argparse.Namespace, device: torch.device, variant: Variant)
     """DDPO on a Stable Diffusion 1.x architecture, frozen weights in ``variant.weights`` (``torch_dtype``)."""
     if args.resolution is not None or args.no_t5:
         raise ValueError(
-            f"--resolution applies to {SD3_ARCHITECTURES + SDXL_ARCHITECTURES} only and --no-t5 to "
-            f"{SD3_ARCHITECTURES}; drop them for --architecture {args.architecture}"
+            f"--resolution applies to {SD3_ARCHITECTURES + SDXL_ARCHITECTURES + FLUX_ARCHITECTURES} only and "
+            f"--no-t5 to {SD3_ARCHITECTURES}; drop them for --architecture {args.architecture}"
         )
     policy = RandomTextToImagePolicy(
         args.architecture, lora=LoRASettings(rank=4), torch_dtype=variant.weights, compile=variant.compiled
@@ -263,6 +278,45 @@ def sd3_setup(args: argparse.Namespace, device: torch.device, variant: Variant) 
     length = policy.max_sequence_length
     stock = stock_call(pipe, args, device, height=policy.height, width=policy.width, max_sequence_length=length)
 
+    header = (
+        f"{policy.height}x{policy.width}, CFG {args.guidance}, noise level {args.eta}, LoRA rank "
+        f"{SD3_LORA.rank} alpha {SD3_LORA.alpha:g}, T5 {'off' if args.no_t5 else 'on'}"
+    )
+    return Setup(policy, stock, type(pipe).__name__, grpo_module(policy, args), args.batch, header, [counts(policy)])
+
+
+def flux_setup(args: argparse.Namespace, device: torch.device, variant: Variant) -> Setup:
+    """Flow-GRPO on a FLUX.1 architecture, built on ``device`` in ``variant.weights``, LoRA 32 / 64."""
+    if args.architecture == "flux-dev" and device.type != "cuda":
+        raise ValueError("--architecture flux-dev needs a CUDA device; on CPU use --architecture flux-tiny")
+    if args.no_t5:
+        raise ValueError("--no-t5 applies to the SD3 architectures only; FLUX.1's prompt is T5's: drop it")
+    if args.batch < 2:
+        raise ValueError(f"--batch {args.batch}; GRPO needs a group of at least 2 samples (the batch is one group)")
+    resolution = args.resolution or (512 if args.architecture == "flux-dev" else None)  # Flow-GRPO's FLUX size
+    policy = RandomFluxPolicy(
+        args.architecture,
+        lora=FLUX_LORA,
+        height=resolution,
+        width=resolution,
+        torch_dtype=variant.weights,
+        device=device,
+        compile=variant.compiled,
+    )
+    pipe = policy.components().pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    length = policy.max_sequence_length
+    stock = stock_call(pipe, args, device, height=policy.height, width=policy.width, max_sequence_length=length)
+    header = (
+        f"{policy.height}x{policy.width}, guidance embedding {args.guidance}, noise level {args.eta}, LoRA rank "
+        f"{FLUX_LORA.rank} alpha {FLUX_LORA.alpha:g}"
+    )
+    return Setup(policy, stock, type(pipe).__name__, grpo_module(policy, args), args.batch, header, [counts(policy)])
+
+
+def grpo_module(policy: DiffusionPolicy, args: argparse.Namespace) -> Callable[[int], GRPOModule]:
+    """A fresh ``GRPOModule`` over ``policy`` with the benchmark's settings, given its ``timestep_batch``."""
+
     def module(timestep_batch: int) -> GRPOModule:
         return GRPOModule(
             policy,
@@ -276,14 +330,14 @@ def sd3_setup(args: argparse.Namespace, device: torch.device, variant: Variant) 
             save_trained_on_end=False,
         )
 
-    base = sum(p.numel() for name, p in policy.transformer.named_parameters() if "lora_" not in name)
+    return module
+
+
+def counts(policy: DiffusionPolicy) -> str:
+    """The note line: the transformer's own parameters and the trainable LoRA ones."""
+    base = sum(p.numel() for name, p in policy.denoiser.named_parameters() if "lora_" not in name)
     lora = sum(p.numel() for p in policy.trainable_parameters())
-    header = (
-        f"{policy.height}x{policy.width}, CFG {args.guidance}, noise level {args.eta}, LoRA rank "
-        f"{SD3_LORA.rank} alpha {SD3_LORA.alpha:g}, T5 {'off' if args.no_t5 else 'on'}"
-    )
-    notes = [f"transformer parameters: {base:,} ({base / 1e9:.3g} B); trainable LoRA parameters: {lora:,}"]
-    return Setup(policy, stock, type(pipe).__name__, module, args.batch, header, notes)
+    return f"transformer parameters: {base:,} ({base / 1e9:.3g} B); trainable LoRA parameters: {lora:,}"
 
 
 def run_epoch(
@@ -313,7 +367,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--architecture",
         default=None,
-        choices=SD15_ARCHITECTURES + SD3_ARCHITECTURES + SDXL_ARCHITECTURES,
+        choices=SD15_ARCHITECTURES + SD3_ARCHITECTURES + SDXL_ARCHITECTURES + FLUX_ARCHITECTURES,
         help="default: sd15 on CUDA, tiny on CPU",
     )
     parser.add_argument("--batch", type=int, default=16, help="images per sampling call (GRPO: one group)")
@@ -341,7 +395,10 @@ def parse_args() -> argparse.Namespace:
         "--peak-tflops", type=float, default=None, help="device peak for the MFU column (H100/H200 bf16: ~790)"
     )
     parser.add_argument(
-        "--resolution", type=int, default=None, help="SD3 / SDXL image side (default: sd35-medium 512, sdxl 1024)"
+        "--resolution",
+        type=int,
+        default=None,
+        help="image side of SD3 / SDXL / FLUX (default: sd35-medium 512, sdxl 1024, flux-dev 512)",
     )
     parser.add_argument("--no-t5", action="store_true", help="SD3 without the T5-XXL text encoder")
     args = parser.parse_args()
@@ -379,7 +436,9 @@ def measure(
     our sampler / stock pipeline time, and the setup.
     """
     family = FAMILIES[args.architecture]
-    setup = {"sd15": sd15_setup, "sd3": sd3_setup, "sdxl": sdxl_setup}[family](args, device, variant)
+    setup = {"sd15": sd15_setup, "sd3": sd3_setup, "sdxl": sdxl_setup, "flux": flux_setup}[family](
+        args, device, variant
+    )
     policy = setup.policy
     autocast: AbstractContextManager = (
         torch.autocast(device.type, dtype=compute) if compute != torch.float32 else nullcontext()
@@ -406,7 +465,7 @@ def measure(
         for key, fn in (("ours", ours), ("stock", stock)):
             if key not in flops:
                 flops[key] = count_flops(fn)
-    algorithm = "GRPO" if family == "sd3" else "DDPO"
+    algorithm = "GRPO" if family in ("sd3", "flux") else "DDPO"
     group = f", one prompt, group of {args.batch}" if setup.group_size > 1 else ""
     rows = [
         Row("our sampler (latents + log-probs)", variant.label, "-", t_ours, flops["ours"], mem_ours),

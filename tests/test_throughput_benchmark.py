@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sdrl.policies.architectures import sd3_components, sdxl_components
+from lightning_sdrl.policies.architectures import flux_components, sd3_components, sdxl_components
 from lightning_sdrl.policies.sd3 import FLOW_GRPO_LORA_TARGET_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,9 @@ def benchmark():
         ("sd15_setup", {"architecture": "tiny", "no_t5": True}, "drop them for --architecture tiny"),
         ("sdxl_setup", {"architecture": "sdxl"}, "needs a CUDA device; on CPU use --architecture sdxl-tiny"),
         ("sdxl_setup", {"architecture": "sdxl-tiny", "no_t5": True}, "SDXL has no T5: drop it"),
+        ("flux_setup", {"architecture": "flux-dev"}, "needs a CUDA device; on CPU use --architecture flux-tiny"),
+        ("flux_setup", {"architecture": "flux-tiny", "no_t5": True}, "FLUX.1's prompt is T5's: drop it"),
+        ("flux_setup", {"architecture": "flux-tiny", "batch": 1}, "GRPO needs a group of at least 2"),
     ],
 )
 def test_bad_arguments_raise_a_clear_error_before_building(benchmark, setup, arguments, message):
@@ -165,3 +168,18 @@ def test_sdxl_tiny_compares_with_the_stock_sdxl_pipeline_and_counts_the_unet():
     unet = sdxl_components("sdxl-tiny", seed=0).unet
     match = re.search(r"UNet parameters: ([0-9,]+) ", result.stdout)
     assert int(match.group(1).replace(",", "")) == sum(p.numel() for p in unet.parameters())
+
+
+def test_flux_tiny_compares_with_the_stock_flux_pipeline_and_counts_the_transformer():
+    result = run_benchmark("--architecture", "flux-tiny", "--batch", "2", "--steps", "2", "--repeats", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("## "))
+    assert header.startswith(
+        "## flux-tiny on CPU, torch.float32 compute, batch 2, 2 steps, 16x16, guidance embedding 3.5"
+    )
+    labels = {line.split("|")[1].strip() for line in lines if line.startswith("| ")}
+    assert {"stock FluxPipeline", "GRPO epoch (sample + train, one prompt, group of 2)"} <= labels, result.stdout
+    transformer = flux_components("flux-tiny", seed=0).transformer
+    match = re.search(r"transformer parameters: ([0-9,]+) ", result.stdout)
+    assert int(match.group(1).replace(",", "")) == sum(p.numel() for p in transformer.parameters())
