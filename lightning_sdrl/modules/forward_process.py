@@ -225,12 +225,22 @@ class ForwardProcessModule(OnlineRLModule):
         seeds = torch.tensor([derive_seed(batch.seed, row, TRAINING_NOISE_KEY) for row in range(len(samples))])
         return dataclasses.replace(samples, seeds=seeds)
 
+    def conditional_output(self, x_t: Tensor, timesteps: Tensor, samples: Samples) -> Tensor:
+        """The policy's output at ``x_t`` for the samples' conditions, as training reads it.
+
+        The conditional branch alone (classifier-free guidance is a sampling-time combination), or
+        a guidance-distilled model's output at the embedded guidance it samples with
+        (:meth:`~lightning_sdrl.policies.base.DiffusionPolicy.training_guidance`).
+        """
+        guidance = self.policy.training_guidance(self.settings.guidance_scale)
+        return self.policy.guided_prediction(x_t.to(self.policy.dtype), timesteps, samples.conditions, guidance)
+
     def output_with(
         self, weights: contextlib.AbstractContextManager[Any], x_t: Tensor, timesteps: Tensor, samples: Samples
     ) -> Tensor:
-        """The denoiser's (conditional) output at ``x_t`` under ``weights``, without gradients, in float32."""
+        """The denoiser's conditional output at ``x_t`` under ``weights``, without gradients, in float32."""
         with torch.no_grad(), weights:
-            output = self.policy.guided_prediction(x_t.to(self.policy.dtype), timesteps, samples.conditions, 1.0)
+            output = self.conditional_output(x_t, timesteps, samples)
         return output.float()
 
     def reference_outputs(self, x_t: Tensor, timesteps: Tensor, samples: Samples) -> dict[str, Tensor]:
@@ -323,10 +333,10 @@ class ForwardProcessModule(OnlineRLModule):
         level = self.policy.noise_level(timesteps).to(x0.device)
         x_t = noise_sample(x0, noise, level, self.policy.parameterization)
         if weights is not None and not bool((weights > 0).any()):
-            output = self.policy.guided_prediction(x_t.to(self.policy.dtype), timesteps, samples.conditions, 1.0)
+            output = self.conditional_output(x_t, timesteps, samples)
             return 0.0 * output.float().sum(), {}
         fixed = self.fixed_outputs(x_t, timesteps, samples)
-        output = self.policy.guided_prediction(x_t.to(self.policy.dtype), timesteps, samples.conditions, 1.0)
+        output = self.conditional_output(x_t, timesteps, samples)
         return self.timestep_loss(output.float(), fixed, x_t, samples, noise, level, advantages)
 
     # ------------------------------------------------------------------ checkpoints

@@ -315,6 +315,14 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """Denoiser output with classifier-free guidance, both branches in one denoiser call."""
         return self._guided(sample, timesteps, self._guidance_conditions(conditions, guidance_scale), guidance_scale)
 
+    def training_guidance(self, guidance_scale: float) -> float:
+        """The guidance that forward-process RL trains the policy's outputs at, for rollouts at ``guidance_scale``.
+
+        1 (the conditional output alone: classifier-free guidance is a sampling-time combination);
+        a guidance-distilled model whose guidance is an input (FLUX.1-dev) returns ``guidance_scale``.
+        """
+        return 1.0
+
     def _guidance_conditions(self, conditions: Conditioning, guidance_scale: float) -> Conditioning:
         """``[null; conditions]`` stacked once for guided calls (``conditions`` without guidance)."""
         if guidance_scale == 1.0:

@@ -98,6 +98,7 @@ def load_flux_components(
     variant: str | None = None,
     local_files_only: bool | None = None,
     torch_dtype: str | torch.dtype | None = None,
+    use_t5: bool = True,
 ) -> FluxComponents:
     """Load a FLUX.1 model's components.
 
@@ -108,25 +109,32 @@ def load_flux_components(
         variant: weights variant.
         local_files_only: never download (also implied by ``HF_HUB_OFFLINE=1``).
         torch_dtype: dtype of the networks (``None``: as saved), e.g. ``"bfloat16"``.
+        use_t5: load ``text_encoder_2`` / ``tokenizer_2``; ``False`` never reads them (zero T5
+            embeddings).
 
     Raises:
         FileNotFoundError: the directory or one of its subfolders is missing.
         OSError: a component cannot be loaded, or a tokenizer has no vocabulary.
     """
-    check_source(pretrained_model_name_or_path, FLUX_SUBFOLDERS)
+    t5 = ("text_encoder_2", "tokenizer_2")
+    check_source(pretrained_model_name_or_path, [sub for sub in FLUX_SUBFOLDERS if use_t5 or sub not in t5])
     kwargs = hub_kwargs(revision, local_files_only)
     diffusers_weights, transformers_weights = {**kwargs, "variant": variant}, {**kwargs, "variant": variant}
     torch_dtype = resolve_dtype(torch_dtype)
     if torch_dtype is not None:  # diffusers names the argument torch_dtype, transformers 5 dtype
         diffusers_weights["torch_dtype"] = transformers_weights["dtype"] = torch_dtype
     path = pretrained_model_name_or_path
+    text_encoder_2 = tokenizer_2 = None
+    if use_t5:
+        text_encoder_2 = load_component(T5EncoderModel, path, "text_encoder_2", **transformers_weights)
+        tokenizer_2 = load_t5_tokenizer(path, "tokenizer_2", **kwargs)
     return FluxComponents(
         transformer=load_component(FluxTransformer2DModel, path, "transformer", **diffusers_weights),
         vae=load_component(AutoencoderKL, path, "vae", **diffusers_weights),
         text_encoder=load_component(CLIPTextModel, path, "text_encoder", **transformers_weights),
-        text_encoder_2=load_component(T5EncoderModel, path, "text_encoder_2", **transformers_weights),
+        text_encoder_2=text_encoder_2,
         tokenizer=load_clip_tokenizer(path, "tokenizer", **kwargs),
-        tokenizer_2=load_t5_tokenizer(path, "tokenizer_2", **kwargs),
+        tokenizer_2=tokenizer_2,
         scheduler=load_component(FlowMatchEulerDiscreteScheduler, path, "scheduler", **kwargs),
     )
 
@@ -183,7 +191,7 @@ class FluxPolicy(DiffusionPolicy):
         self.kernel = FlowSDEStep(components.scheduler, variant=sampler, mu=mu if dynamic else None)
         self._null_cache: dict[tuple[torch.device, torch.dtype], Conditioning] = {}
         self._setup_trainable()
-        for module in (self.vae, self.text_encoder, self.text_encoder_2):
+        for module in components.models()[1:]:
             module.eval()
 
     @property
@@ -221,12 +229,15 @@ class FluxPolicy(DiffusionPolicy):
         with torch.no_grad():
             clip_ids = token_ids(self.tokenizer, prompts, self.text_encoder.device)
             pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
-            t5_ids = token_ids(self.tokenizer_2, prompts, self.text_encoder_2.device, self.max_sequence_length)
-            hidden = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
-        return Conditioning(
-            encoder_hidden_states=hidden.to(self.text_encoder_2.dtype),
-            pooled_projections=pooled.to(self.text_encoder.dtype),
-        )
+            if self.text_encoder_2 is None:  # without T5: zero embeddings of the transformer's text width
+                width = self.transformer.config.joint_attention_dim
+                shape = (len(prompts), self.max_sequence_length, width)
+                hidden = torch.zeros(shape, device=pooled.device, dtype=self.text_encoder.dtype)
+            else:
+                encoder = self.text_encoder_2
+                t5_ids = token_ids(self.tokenizer_2, prompts, encoder.device, self.max_sequence_length)
+                hidden = encoder(t5_ids, output_hidden_states=False)[0].to(encoder.dtype)
+        return Conditioning(encoder_hidden_states=hidden, pooled_projections=pooled.to(self.text_encoder.dtype))
 
     def null_condition(self, batch_size: int) -> Conditioning:
         """Embeddings of the empty prompt (classifier-free guidance of a transformer without the guidance embedding)."""
@@ -234,6 +245,10 @@ class FluxPolicy(DiffusionPolicy):
         if key not in self._null_cache:
             self._null_cache = {key: self.encode_prompts([""])}
         return self._null_cache[key].expand(batch_size)
+
+    def training_guidance(self, guidance_scale: float) -> float:
+        """FLUX.1-dev trains at the embedded guidance it samples with; without the embedding, 1 (no CFG)."""
+        return float(guidance_scale) if self.embeds_guidance else 1.0
 
     def _guidance_conditions(self, conditions: Conditioning, guidance_scale: float) -> Conditioning:
         """FLUX.1-dev: ``conditions`` with the guidance value per sample; otherwise classifier-free guidance's."""
@@ -289,6 +304,7 @@ class FluxPretrainedPolicy(FluxPolicy):
         local_files_only: never download (also implied by ``HF_HUB_OFFLINE=1``).
         torch_dtype: dtype of the frozen networks (``None``: as saved), e.g. ``"bfloat16"``; LoRA
             (or, under full fine-tuning, the transformer) trains in float32.
+        use_t5: load and use the T5 encoder; ``False`` runs without it (zero T5 embeddings).
         lora: LoRA settings; ``None`` fine-tunes the whole transformer.
         gradient_checkpointing: recompute transformer activations in the backward pass.
         height: image height in pixels (default: the VAE's sample size, 1024 for FLUX.1).
@@ -305,6 +321,7 @@ class FluxPretrainedPolicy(FluxPolicy):
         variant: str | None = None,
         local_files_only: bool | None = None,
         torch_dtype: str | torch.dtype | None = None,
+        use_t5: bool = True,
         lora: LoRASettings | None = LoRASettings(),  # noqa: B008 - an immutable-by-use default
         gradient_checkpointing: bool = False,
         height: int | None = None,
@@ -314,7 +331,7 @@ class FluxPretrainedPolicy(FluxPolicy):
         compile: bool | CompileMode = False,
     ) -> None:
         components = load_flux_components(
-            pretrained_model_name_or_path, revision, variant, local_files_only, torch_dtype
+            pretrained_model_name_or_path, revision, variant, local_files_only, torch_dtype, use_t5
         )
         super().__init__(
             components,

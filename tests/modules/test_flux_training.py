@@ -108,3 +108,18 @@ def test_two_process_grpo_on_tiny_flux_stays_in_lockstep(tmp_path):
         assert rank0["sample_sums"] != rank1["sample_sums"]
         assert rank0["advantages"] == rank1["advantages"]
         assert rank0["trainable_sum"] == rank1["trainable_sum"]
+
+
+def test_forward_process_training_reads_flux_dev_at_the_guidance_it_samples_with():
+    """A guidance-distilled model's guidance is an input: NFT trains its output at the rollouts' 3.5, not at 1."""
+    policy = RandomFluxPolicy("flux-tiny", lora=LoRASettings(rank=4), max_sequence_length=16)
+    module = NFTModule(policy, Brightness(), num_steps=4, guidance_scale=3.5)
+    samples = policy.generate(PROMPTS[:2], num_steps=4, guidance_scale=3.5, generator=torch.Generator())
+    x_t, t = torch.randn(2, *policy.sample_shape), policy.set_num_steps(4)[:2]
+    with torch.no_grad():
+        trained = module.conditional_output(x_t, t, samples)
+        expected = policy.guided_prediction(x_t, t, samples.conditions, 3.5)
+        unguided = policy.guided_prediction(x_t, t, samples.conditions, 1.0)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+    assert (trained - unguided).abs().max() > 1e-4
+    assert RandomFluxPolicy("flux-tiny").training_guidance(3.5) == 3.5

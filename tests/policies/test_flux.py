@@ -223,3 +223,73 @@ def test_flux_dev_has_the_published_size():
 
         RandomStableDiffusion3Policy("flux-tiny")
     assert RandomFluxPolicy("flux-tiny").sample_shape == (4, 8, 8)
+
+
+def test_without_t5_the_prompt_embeddings_are_zeros_and_t5_is_never_read(saved):
+    components, path = saved
+    for file in (path / "text_encoder_2").iterdir():
+        file.unlink()  # a broken T5 must not matter
+    loaded = FluxPretrainedPolicy(str(path), use_t5=False, lora=None, max_sequence_length=T5_LENGTH)
+    assert loaded.text_encoder_2 is None and loaded.tokenizer_2 is None
+    conditions = loaded.encode_prompts(PROMPTS)
+    assert conditions["encoder_hidden_states"].shape == (3, T5_LENGTH, 32)
+    assert not conditions["encoder_hidden_states"].any()
+    torch.testing.assert_close(
+        conditions["pooled_projections"],
+        policy_over(components).encode_prompts(PROMPTS)["pooled_projections"],
+        rtol=0,
+        atol=0,
+    )
+    trajectory = loaded.sample(PROMPTS, num_steps=4, eta=1e-6, guidance_scale=3.5, generator=torch.Generator())
+    pipe = components.pipeline()  # given the embeddings, the pipeline never encodes
+    latents = pipe(
+        prompt_embeds=conditions["encoder_hidden_states"],
+        pooled_prompt_embeds=conditions["pooled_projections"],
+        latents=pack_latents(trajectory.latents[:, 0]),
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=16,
+        width=16,
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(trajectory.latents[:, -1], unpack_latents(latents, 8, 8), rtol=0, atol=1e-4)
+    with pytest.raises(OSError, match="T5EncoderModel"):
+        FluxPretrainedPolicy(str(path), use_t5=True)
+    with pytest.raises(ValueError, match="text_encoder_2 without tokenizer_2"):
+        FluxComponents(**{**components.__dict__, "tokenizer_2": None})
+
+
+def test_without_the_guidance_embedding_guidance_is_classifier_free_against_the_empty_prompt():
+    """FLUX.1-schnell's transformer has no guidance embedding: guidance 1 is the pipeline's sampler,
+    any other value the two-branch classifier-free combination with the empty prompt's embeddings."""
+    components = tiny()
+    torch.manual_seed(1)
+    config = {**components.transformer.config, "guidance_embeds": False}
+    components.transformer = FluxTransformer2DModel.from_config(config)
+    policy = policy_over(components)
+    assert not policy.embeds_guidance
+    trajectory = policy.sample(PROMPTS, num_steps=4, eta=1e-6, guidance_scale=1.0, generator=torch.Generator())
+    common = dict(prompt=PROMPTS, num_inference_steps=4, max_sequence_length=T5_LENGTH, height=16, width=16)
+    latents = components.pipeline()(**common, latents=pack_latents(trajectory.latents[:, 0]), output_type="latent")
+    torch.testing.assert_close(trajectory.latents[:, -1], unpack_latents(latents.images, 8, 8), rtol=0, atol=1e-4)
+    sample, timesteps = random_inputs(policy, 3)
+    conditions, null = policy.encode_prompts(PROMPTS), policy.null_condition(3)
+
+    def plain(c):
+        batch, _, height, width = sample.shape
+        with torch.no_grad():
+            output = components.transformer(
+                hidden_states=pack_latents(sample),
+                timestep=timesteps / 1000,
+                pooled_projections=c["pooled_projections"],
+                encoder_hidden_states=c["encoder_hidden_states"],
+                txt_ids=torch.zeros(T5_LENGTH, 3),
+                img_ids=latent_image_ids(height, width),
+            ).sample
+        return unpack_latents(output, height, width)
+
+    with torch.no_grad():
+        guided = policy.guided_prediction(sample, timesteps, conditions, 3.0)
+    cond, uncond = plain(conditions), plain(null)
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+    assert (cond - uncond).abs().max() > 1e-4
