@@ -16,7 +16,6 @@ from lightning_sdrl.modules.refl import ReFLModule
 from lightning_sdrl.policies import LoRASettings, RandomFluxPolicy
 from lightning_sdrl.policies.flux import latent_image_ids, pack_latents, unpack_latents
 from lightning_sdrl.rewards.simple import Brightness
-from tests.helpers import lora_snapshot
 from tests.modules.test_ddpo import tiny_trainer
 from tests.modules.test_ddpo_ddp import ddp_fit
 
@@ -63,41 +62,46 @@ def test_cli_grpo_on_tiny_flux_raises_brightness_and_the_flux_pipeline_loads_its
     torch.testing.assert_close(unpack_latents(theirs, 8, 8), ours, rtol=1e-5, atol=1e-6)
 
 
-def _ddpo(policy):
-    return DDPOModule(policy, Brightness(), num_steps=3, eta=0.7, guidance_scale=3.5, sample_grid_every_n_epochs=0)
+def _ddpo(policy, optimizer):
+    return DDPOModule(
+        policy, Brightness(), optimizer=optimizer, num_steps=4, eta=0.7, guidance_scale=3.5, clip_range=0.5
+    )
 
 
-def _refl(policy):
+def _refl(policy, optimizer):
     return ReFLModule(
-        policy,
-        Brightness(),
-        num_steps=3,
-        eta=0.7,
-        guidance_scale=3.5,
-        grad_step_range=(1, 3),
-        save_trained_on_end=False,
+        policy, Brightness(), optimizer=optimizer, num_steps=4, eta=0.7, guidance_scale=3.5, grad_step_range=(2, 4)
     )
 
 
-def _nft(policy):
-    return NFTModule(policy, Brightness(), num_steps=4, train_batch_size=4, sample_grid_every_n_epochs=0)
+def _nft(policy, optimizer):
+    settings = dict(train_batch_size=8, timestep_fraction=1.0, beta=0.1, decay_rate=0.1)
+    return NFTModule(policy, Brightness(), optimizer=optimizer, num_steps=4, guidance_scale=3.5, **settings)
 
 
-def _awm(policy):
-    return AWMModule(
-        policy, Brightness(), num_steps=4, train_timesteps=2, train_batch_size=4, sample_grid_every_n_epochs=0
-    )
+def _awm(policy, optimizer):
+    settings = dict(train_timesteps=3, train_batch_size=8, ema_kl_coef=0.1, decay_rate=0.1)
+    return AWMModule(policy, Brightness(), optimizer=optimizer, num_steps=6, guidance_scale=3.5, **settings)
 
 
-@pytest.mark.parametrize("make", [_ddpo, _refl, _nft, _awm], ids=["ddpo", "refl", "nft", "awm"])
-def test_every_algorithm_trains_the_tiny_flux_lora(make, tmp_path):
-    policy = RandomFluxPolicy("flux-tiny", lora=LoRASettings(rank=4), max_sequence_length=16)
-    before = lora_snapshot(policy)
-    data = SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1, group_size=4)
-    tiny_trainer(tmp_path, 2).fit(make(policy), data)
-    after = lora_snapshot(policy)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.isfinite(v).all() for v in after.values())
+@pytest.mark.parametrize(
+    ("make", "lr", "epochs", "batches", "rise"),
+    [  # measured rises on data seeds 0 and 5: +0.025 / +0.0075, +0.12 / +0.12, +0.0081 / +0.013, +0.0034 / +0.0049
+        (_ddpo, 0.05, 6, 4, 0.003),
+        (_refl, 0.05, 4, 2, 0.05),
+        (_nft, 0.05, 8, 8, 0.003),
+        (_awm, 0.02, 8, 8, 0.0015),
+    ],
+    ids=["ddpo", "refl", "nft", "awm"],
+)
+def test_every_algorithm_raises_brightness_on_the_tiny_flux(make, lr, epochs, batches, rise, tmp_path):
+    lora = LoRASettings(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_out"])
+    policy = RandomFluxPolicy("flux-tiny", lora=lora, max_sequence_length=16)
+    module = make(policy, lambda params: torch.optim.AdamW(params, lr=lr))
+    data = SamplingDataModule(prompts=PROMPTS, batch_size=4, num_batches_per_epoch=batches, group_size=4)
+    tiny_trainer(tmp_path, epochs).fit(module, data)
+    before, after = fixed_noise_brightness(policy, False), fixed_noise_brightness(policy, True)
+    assert after > before + rise, (before, after)
 
 
 def test_two_process_grpo_on_tiny_flux_stays_in_lockstep(tmp_path):

@@ -79,24 +79,37 @@ def _grpo(policy):
     )
 
 
-def _awm(policy):
-    return AWMModule(
-        policy, Brightness(), num_steps=4, train_timesteps=2, train_batch_size=4, sample_grid_every_n_epochs=0
-    )
-
-
-@pytest.mark.parametrize("make", [_grpo, _awm], ids=["grpo", "awm"])
-def test_grpo_and_awm_train_the_tiny_sdxl_lora(make, tmp_path):
-    """Both update the LoRA (finite); on this random model their brightness change was not robust to the
-    data seed at such short runs (GRPO lr 0.1, 8 epochs: +0.020 on seed 0, -0.010 on seed 5), so no
-    reward-rise assertion here: DDPO, DiffusionNFT and ReFL carry that for SDXL."""
+def test_grpo_trains_the_tiny_sdxl_lora(tmp_path):
+    """GRPO updates the LoRA (finite). Its brightness change on this random model was not robust to the data
+    seed in short runs (lr 0.2, 6 epochs: +0.018 on seed 0, -0.0002 on seed 5; lr 0.1, 8 epochs: -0.008,
+    -0.002), so no reward-rise assertion here: DDPO, ReFL, DiffusionNFT and AWM carry that for SDXL."""
     policy = RandomStableDiffusionXLPolicy("sdxl-tiny", lora=LoRASettings(rank=4))
     before = lora_snapshot(policy)
     data = SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1, group_size=4)
-    tiny_trainer(tmp_path, 2).fit(make(policy), data)
+    tiny_trainer(tmp_path, 2).fit(_grpo(policy), data)
     after = lora_snapshot(policy)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_awm_on_tiny_sdxl_raises_brightness(tmp_path):
+    """On its own sampler (the DDIM ODE); measured +0.0025 and +0.0048 on data seeds 0 and 5."""
+    policy = RandomStableDiffusionXLPolicy("sdxl-tiny", lora=LoRASettings(rank=4))
+    module = AWMModule(
+        policy,
+        Brightness(),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.05),
+        num_steps=6,
+        train_timesteps=3,
+        train_batch_size=8,
+        ema_kl_coef=0.1,
+        decay_rate=0.1,
+        save_trained_on_end=False,
+    )
+    data = SamplingDataModule(prompts=PROMPTS, batch_size=4, num_batches_per_epoch=8, group_size=4)
+    tiny_trainer(tmp_path, 8).fit(module, data)
+    before, after = fixed_noise_brightness(policy, False, 0.0, 1.0), fixed_noise_brightness(policy, True, 0.0, 1.0)
+    assert after > before + 0.001, (before, after)
 
 
 def test_refl_on_tiny_sdxl_raises_brightness(tmp_path):
