@@ -293,3 +293,33 @@ def test_without_the_guidance_embedding_guidance_is_classifier_free_against_the_
     cond, uncond = plain(conditions), plain(null)
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
     assert (cond - uncond).abs().max() > 1e-4
+
+
+def test_bf16_weights_train_a_float32_lora_and_a_compiled_transformer_samples_as_the_eager_one(monkeypatch):
+    from lightning_sdrl.policies import base as policy_base
+
+    half = RandomFluxPolicy(lora=LoRASettings(rank=2), torch_dtype="bfloat16", max_sequence_length=T5_LENGTH)
+    assert half.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in half.trainable_parameters())
+    trajectory = half.sample(PROMPTS[:2], num_steps=2, eta=0.7, guidance_scale=3.5, generator=torch.Generator())
+    assert torch.isfinite(trajectory.log_probs).all()
+
+    monkeypatch.setattr(
+        policy_base,
+        "compiled_module_call",
+        lambda mode: torch.compile(policy_base._call_module, backend="aot_eager", dynamic=False),
+    )
+    torch._dynamo.reset()
+    eager, compiled = (
+        FluxPolicy(tiny(), lora=LoRASettings(rank=2), max_sequence_length=T5_LENGTH, compile=flag)
+        for flag in (False, True)
+    )
+    for policy in (eager, compiled):
+        randomize_lora(policy.transformer)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    runs = [
+        p.sample(PROMPTS[:2], num_steps=3, eta=0.7, guidance_scale=3.5, generator=torch.Generator().manual_seed(0))
+        for p in (eager, compiled)
+    ]
+    torch.testing.assert_close(runs[1].latents, runs[0].latents, rtol=0, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the compiled call did run
