@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from lightning_sdrl.policies.pipeline_parts import PipelineParts, check_encoder_pair
 
 
 @dataclass
-class FluxComponents:
+class FluxComponents(PipelineParts):
     """The parts of a FLUX.1 model (dev or schnell), under ``FluxPipeline``'s names.
 
     Attributes:
@@ -36,21 +35,7 @@ class FluxComponents:
     scheduler: FlowMatchEulerDiscreteScheduler
 
     def __post_init__(self) -> None:
-        if (self.text_encoder_2 is None) != (self.tokenizer_2 is None):
-            given = "text_encoder_2" if self.text_encoder_2 is not None else "tokenizer_2"
-            missing = "tokenizer_2" if given == "text_encoder_2" else "text_encoder_2"
-            raise ValueError(f"FluxComponents got {given} without {missing}; pass both (T5) or neither (no T5)")
-
-    def models(self) -> list[nn.Module]:
-        """The neural networks (T5 only if present)."""
-        modules = [self.transformer, self.vae, self.text_encoder, self.text_encoder_2]
-        return [module for module in modules if module is not None]
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FluxComponents:
-        """Move/cast every network in place (``nn.Module.to``); returns ``self``."""
-        for module in self.models():
-            module.to(device=device, dtype=dtype)
-        return self
+        check_encoder_pair("FluxComponents", self.text_encoder_2, self.tokenizer_2, "text_encoder_2", "tokenizer_2")
 
     def pipeline(self) -> FluxPipeline:
         """A diffusers ``FluxPipeline`` over these very components (no copy)."""
@@ -63,9 +48,3 @@ class FluxComponents:
             tokenizer_2=self.tokenizer_2,
             transformer=self.transformer,
         )
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the diffusers layout that ``FluxPipeline.from_pretrained`` loads; returns ``directory``."""
-        directory = Path(directory)
-        self.pipeline().save_pretrained(directory)
-        return directory

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from lightning_sdrl.policies.pipeline_parts import PipelineParts, check_encoder_pair
 
 
 @dataclass
-class SD3Components:
+class SD3Components(PipelineParts):
     """The parts of a Stable Diffusion 3 (or 3.5) model, under ``StableDiffusion3Pipeline``'s names.
 
     Attributes:
@@ -39,22 +38,7 @@ class SD3Components:
     tokenizer_3: T5TokenizerFast | None = None
 
     def __post_init__(self) -> None:
-        if (self.text_encoder_3 is None) != (self.tokenizer_3 is None):
-            given, missing = ("text_encoder_3", "tokenizer_3")
-            if self.text_encoder_3 is None:
-                given, missing = missing, given
-            raise ValueError(f"SD3Components got {given} without {missing}; pass both (T5) or neither (no T5)")
-
-    def models(self) -> list[nn.Module]:
-        """The neural networks (T5 only if present)."""
-        modules = [self.transformer, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3]
-        return [module for module in modules if module is not None]
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SD3Components:
-        """Move/cast every network in place (``nn.Module.to``); returns ``self``."""
-        for module in self.models():
-            module.to(device=device, dtype=dtype)
-        return self
+        check_encoder_pair("SD3Components", self.text_encoder_3, self.tokenizer_3, "text_encoder_3", "tokenizer_3")
 
     def pipeline(self) -> StableDiffusion3Pipeline:
         """A diffusers ``StableDiffusion3Pipeline`` over these very components (no copy)."""
@@ -69,16 +53,3 @@ class SD3Components:
             text_encoder_3=self.text_encoder_3,
             tokenizer_3=self.tokenizer_3,
         )
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the model in the diffusers layout that ``StableDiffusion3Pipeline.from_pretrained`` loads.
-
-        Each component goes to its subfolder, with ``model_index.json`` (written by the pipeline's
-        own ``save_pretrained``); without T5 there is no ``text_encoder_3/`` or ``tokenizer_3/``.
-
-        Returns:
-            ``directory``.
-        """
-        directory = Path(directory)
-        self.pipeline().save_pretrained(directory)
-        return directory

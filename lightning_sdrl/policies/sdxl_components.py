@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lightning_sdrl.policies.pipeline_parts import PipelineParts
 
 
 @dataclass
-class SDXLComponents:
+class SDXLComponents(PipelineParts):
     """The parts of a Stable Diffusion XL model, under ``StableDiffusionXLPipeline``'s names.
 
     Attributes:
@@ -39,16 +38,6 @@ class SDXLComponents:
     scheduler: DDIMScheduler
     force_zeros_for_empty_prompt: bool = True
 
-    def models(self) -> list[nn.Module]:
-        """The neural networks."""
-        return [self.unet, self.vae, self.text_encoder, self.text_encoder_2]
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SDXLComponents:
-        """Move/cast every network in place (``nn.Module.to``); returns ``self``."""
-        for module in self.models():
-            module.to(device=device, dtype=dtype)
-        return self
-
     def pipeline(self) -> StableDiffusionXLPipeline:
         """A diffusers ``StableDiffusionXLPipeline`` over these very components (no copy, no watermark)."""
         return StableDiffusionXLPipeline(
@@ -62,16 +51,3 @@ class SDXLComponents:
             force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
             add_watermarker=False,
         )
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the model in the diffusers layout that ``StableDiffusionXLPipeline.from_pretrained`` loads.
-
-        Each component goes to its subfolder, with ``model_index.json`` (written by the pipeline's
-        own ``save_pretrained``, ``force_zeros_for_empty_prompt`` included).
-
-        Returns:
-            ``directory``.
-        """
-        directory = Path(directory)
-        self.pipeline().save_pretrained(directory)
-        return directory
