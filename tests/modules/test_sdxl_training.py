@@ -8,14 +8,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from lightning_sdrl.cli import run_cli
-from lightning_sdrl.data.sampling import SamplingDataModule
-from lightning_sdrl.modules.awm import AWMModule
-from lightning_sdrl.modules.grpo import GRPOModule
-from lightning_sdrl.modules.refl import ReFLModule
-from lightning_sdrl.policies import LoRASettings, RandomStableDiffusionXLPolicy
-from lightning_sdrl.rewards.simple import Brightness
-from tests.helpers import lora_snapshot
-from tests.modules.test_ddpo import tiny_trainer
+from lightning_sdrl.policies import RandomStableDiffusionXLPolicy
 from tests.modules.test_ddpo_ddp import ddp_fit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,12 +44,19 @@ def assert_the_sdxl_pipeline_loads_the_trained_lora(policy, directory):
 
 @pytest.mark.parametrize(
     ("config", "eta", "guidance_scale", "rise"),
-    [("ddpo_sdxl", 1.0, 2.0, 0.004), ("nft_sdxl", 0.0, 1.0, 0.002)],  # measured: +0.023, +0.006
+    [  # measured on data seeds 0 (the configs') / 5 / 7 / 11; the sign varies for all but ReFL (docs/model_families.md)
+        ("ddpo_sdxl", 1.0, 2.0, 0.004),  # +0.0091 / +0.024 / +0.021 / -0.0066
+        ("grpo_sdxl", 1.0, 2.0, 0.002),  # +0.0039 / -0.0069 / +0.030 / +0.0031 (1-4: +0.017 +0.044 +0.026 -0.033)
+        ("refl_sdxl", 1.0, 2.0, 0.01),  # +0.026 / +0.0043 / +0.014 / +0.027
+        ("nft_sdxl", 0.0, 1.0, 0.002),  # +0.0033 / -0.0045 / -0.0047 / +0.0039
+        ("awm_sdxl", 0.0, 1.0, 0.001),  # +0.0023 / +0.0053 / -0.0056 / -0.0041
+    ],
 )
 def test_cli_run_on_tiny_sdxl_raises_brightness_and_the_pipeline_loads_its_lora(
     config, eta, guidance_scale, rise, tmp_path
 ):
-    """Each algorithm's own sampler (DDPO: DDIM eta 1 with guidance; NFT: the ODE without) on paired noise."""
+    """Every algorithm through ``python -m lightning_sdrl fit -c configs/tiny/<config>.yaml``, measured on its
+    own sampler (DDPO, GRPO, ReFL: DDIM eta 1 with guidance; NFT, AWM: the ODE without) on paired noise."""
     path = str(ROOT / "configs" / "tiny" / f"{config}.yaml")
     cli = run_cli(["fit", "-c", path, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     policy = cli.model.policy
@@ -65,70 +65,6 @@ def test_cli_run_on_tiny_sdxl_raises_brightness_and_the_pipeline_loads_its_lora(
     assert after > before + rise, (before, after)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert_the_sdxl_pipeline_loads_the_trained_lora(policy, tmp_path / "trained")
-
-
-def _grpo(policy):
-    return GRPOModule(
-        policy,
-        Brightness(),
-        num_steps=3,
-        noise_level=1.0,
-        guidance_scale=2.0,
-        clip_range=0.5,
-        sample_grid_every_n_epochs=0,
-    )
-
-
-def test_grpo_trains_the_tiny_sdxl_lora(tmp_path):
-    """GRPO updates the LoRA (finite). Its brightness change on this random model was not robust to the data
-    seed in short runs (lr 0.2, 6 epochs: +0.018 on seed 0, -0.0002 on seed 5; lr 0.1, 8 epochs: -0.008,
-    -0.002), so no reward-rise assertion here: DDPO, ReFL, DiffusionNFT and AWM carry that for SDXL."""
-    policy = RandomStableDiffusionXLPolicy("sdxl-tiny", lora=LoRASettings(rank=4))
-    before = lora_snapshot(policy)
-    data = SamplingDataModule(prompts=["a", "b"], batch_size=4, num_batches_per_epoch=1, group_size=4)
-    tiny_trainer(tmp_path, 2).fit(_grpo(policy), data)
-    after = lora_snapshot(policy)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.isfinite(v).all() for v in after.values())
-
-
-def test_awm_on_tiny_sdxl_raises_brightness(tmp_path):
-    """On its own sampler (the DDIM ODE); measured +0.0025 and +0.0048 on data seeds 0 and 5."""
-    policy = RandomStableDiffusionXLPolicy("sdxl-tiny", lora=LoRASettings(rank=4))
-    module = AWMModule(
-        policy,
-        Brightness(),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=0.05),
-        num_steps=6,
-        train_timesteps=3,
-        train_batch_size=8,
-        ema_kl_coef=0.1,
-        decay_rate=0.1,
-        save_trained_on_end=False,
-    )
-    data = SamplingDataModule(prompts=PROMPTS, batch_size=4, num_batches_per_epoch=8, group_size=4)
-    tiny_trainer(tmp_path, 8).fit(module, data)
-    before, after = fixed_noise_brightness(policy, False, 0.0, 1.0), fixed_noise_brightness(policy, True, 0.0, 1.0)
-    assert after > before + 0.001, (before, after)
-
-
-def test_refl_on_tiny_sdxl_raises_brightness(tmp_path):
-    """Reward gradients through the last DDIM steps; measured +0.017 (data seeds 5, 7: +0.020, +0.011)."""
-    policy = RandomStableDiffusionXLPolicy("sdxl-tiny", lora=LoRASettings(rank=4))
-    module = ReFLModule(
-        policy,
-        Brightness(),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=0.1),
-        num_steps=4,
-        eta=1.0,
-        guidance_scale=2.0,
-        grad_step_range=(2, 4),
-        save_trained_on_end=False,
-    )
-    data = SamplingDataModule(prompts=["a bright square", "a dark circle"], batch_size=4, num_batches_per_epoch=2)
-    tiny_trainer(tmp_path, 4).fit(module, data)
-    before, after = fixed_noise_brightness(policy, False, 1.0, 2.0), fixed_noise_brightness(policy, True, 1.0, 2.0)
-    assert after > before + 0.005, (before, after)
 
 
 def test_two_process_ddpo_on_tiny_sdxl_stays_in_lockstep(tmp_path):
