@@ -59,9 +59,11 @@ CLASS_MODULES = (
     "lightning_sdrl.rewards.reward_model",
     "lightning_sdrl.rewards.simple",
     "lightning_sdrl.callbacks",
+    "lightning_sdrl.strategies",
 )
 """Modules imported with the CLI: jsonargparse then knows their classes as subclasses of the
-annotated base classes, so that a class name alone selects them or shows their help. The digits
+annotated base classes, so that a class name alone selects them or shows their help
+(``lightning_sdrl.strategies`` registers ``--trainer.strategy=fsdp2``). The digits
 miniature (:mod:`lightning_sdrl.digits`) is not among them: its configs give full class paths."""
 
 for _name in CLASS_MODULES:
@@ -236,6 +238,8 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
     if ckpt_path is None or ckpt_path in ("best", "last", "hpc", "registry") or "://" in str(ckpt_path):
         return
     path = Path(ckpt_path)
+    if is_sharded_checkpoint(path):  # a distributed checkpoint (ModelParallelStrategy): a folder
+        return
     trained = path.is_dir() or path.suffix == ".safetensors"
     if trained or (path.is_file() and not _is_torch_checkpoint(path)):
         what = "a trained-weights folder or file (save_trained)" if trained else "not a Lightning checkpoint"
@@ -244,6 +248,11 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
             "<log_dir>/checkpoints/last.ckpt. To use trained LoRA weights, load them into the policy: "
             "policy.load_trained('<log_dir>/trained')"
         )
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder (torch's distributed checkpoint + ``meta.pt``)."""
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
 
 
 def _is_torch_checkpoint(path: Path) -> bool:

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_sdrl.data.sampling import SamplingDataModule
 from lightning_sdrl.functional.seeding import derive_seed
+from lightning_sdrl.policies.sharding import full_tensor, local_numel
 from lightning_sdrl.rewards.base import RewardModule
 
 
@@ -46,6 +47,15 @@ class BatchRankReward(RewardModule):
 
     def forward(self, images, prompts, **metadata):
         self.seen.append(len(images))
+        return images.mean(dim=(1, 2, 3))
+
+
+class RaiseOnRankOneReward(RewardModule):
+    """Brightness on process 0; process 1 raises at its first call (a judge that crashes on one rank)."""
+
+    def forward(self, images, prompts, **metadata):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            raise RuntimeError("the reward failed on rank 1")
         return images.mean(dim=(1, 2, 3))
 
 
@@ -96,10 +106,14 @@ class RecordUpdates(pl.Callback):
             "prompt_ids": info["prompt_ids"].tolist(),
             "local_prompts": list(info["prompts"]),
             "reward_seen": list(getattr(pl_module.reward, "seen", [])),
-            "trainable_sum": sum(float(p.double().sum()) for p in pl_module.policy.trainable_parameters()),
+            # whole tensors also when sharded (a collective call: every rank records)
+            "trainable_sum": sum(float(full_tensor(p).double().sum()) for p in pl_module.policy.trainable_parameters()),
+            "denoiser_numel": sum(p.numel() for p in pl_module.policy.denoiser.parameters()),
+            "local_denoiser_numel": local_numel(pl_module.policy.denoiser),
         }
         if hasattr(pl_module, "old_policy"):  # forward-process RL: the old / EMA policy
-            record["old_policy_sum"] = sum(float(t.double().sum()) for t in pl_module.old_policy.state_dict().values())
+            old = pl_module.old_policy.full_state_dict().values()
+            record["old_policy_sum"] = sum(float(t.double().sum()) for t in old)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.json"
         path.write_text(json.dumps(record))

@@ -4,7 +4,7 @@ Arrows point one way (docs: the layout table of README.md):
 
     layer 0  functional/ (pure math, seeds), validation.py, reference.py
     layer 1  policies/, rewards/, metrics/       each: layer 0 and itself only
-    layer 2  data/, evaluation/, callbacks.py, figures.py, loggers.py, modules/
+    layer 2  data/, evaluation/, callbacks.py, figures.py, loggers.py, strategies.py, modules/
                                                   layers 0-1 and each other
     layer 3  cli.py, __main__.py                 everything but digits/
     digits/  the digits miniature                 everything but cli.py / __main__.py;
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 LAYER_0 = {"package", "functional", "validation", "reference", "frozen"}
 LAYER_1 = {"policies", "rewards", "metrics"}
-LAYER_2 = {"data", "evaluation", "callbacks", "figures", "loggers", "modules"}
+LAYER_2 = {"data", "evaluation", "callbacks", "figures", "loggers", "modules", "strategies"}
 LAYER_3 = {"cli", "__main__"}
 
 ALLOWED = {

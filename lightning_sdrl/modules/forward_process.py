@@ -343,7 +343,7 @@ class ForwardProcessModule(OnlineRLModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also save the old policy (a resumed run samples and trains exactly as the uninterrupted one)."""
         super().on_save_checkpoint(checkpoint)
-        old = self.old_policy.state_dict()
+        old = self.old_policy.full_state_dict()  # whole tensors also when sharded: rank 0 writes this entry
         if not all(bool(torch.isfinite(value).all()) for value in old.values()):
             raise FloatingPointError("the old policy's weights are not finite; not writing the checkpoint")
         checkpoint["old_policy"] = old

@@ -12,6 +12,7 @@ from torch import Tensor
 from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.modules.guards import check_finite_state
 from lightning_sdrl.policies.base import Trajectory
+from lightning_sdrl.policies.sharding import data_parallel_mesh, gathered_trained_state, shard_denoiser
 from lightning_sdrl.rewards.base import check_reward_output
 
 
@@ -44,10 +45,40 @@ class GenerationModule(pl.LightningModule):
         if not self.settings.get("save_trained_on_end", False):
             return None
         directory = Path(self._log_dir()) / "trained"  # every rank: log_dir is a collective call
+        # sharded (FSDP2): every rank gathers the whole trained weights, rank 0 writes them
+        state = gathered_trained_state(self.policy.denoiser, trainable_only=self.policy.lora is not None)
         if self.trainer.is_global_zero:
-            check_finite_state(dict(self.policy.named_parameters()), f"the trained weights to {directory}")
-            self.policy.save_trained(directory)
+            weights = dict(self.policy.named_parameters()) if state is None else state
+            check_finite_state(weights, f"the trained weights to {directory}")
+            self.policy.save_trained(directory, state_dict=state)
         return directory
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, shard the policy's denoiser over the data-parallel ranks (FSDP2).
+
+        Each block of the denoiser becomes one FSDP unit (:func:`~lightning_sdrl.policies.sharding.shard_denoiser`),
+        with the strategy's ``cpu_offload`` and ``reshard_after_forward`` (``FSDP2Strategy``'s options);
+        the text encoders, VAE and reward stay whole on every rank. Under any other strategy nothing
+        changes. A tensor-parallel mesh is refused with the settings to use instead.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        strategy, policy = self.trainer.strategy, self.policy
+        if policy.lora is None and self.uses_reference_model():
+            policy.keep_reference()  # before sharding (a sharded module cannot be copied); sharded alike below
+        options = {
+            "reshard_after_forward": getattr(strategy, "reshard_after_forward", True),
+            "cpu_offload": getattr(strategy, "cpu_offload", False),
+        }
+        shard_denoiser(policy.denoiser, data_parallel_mesh(mesh), **options)
+        if policy.reference_denoiser is not None:
+            shard_denoiser(policy.reference_denoiser, data_parallel_mesh(mesh), **options)
+
+    def uses_reference_model(self) -> bool:
+        """Whether training reads the pretrained model (a KL to it): full fine-tuning then keeps a frozen copy."""
+        hp = self.settings
+        return hp.get("kl_reference_coef", 0) > 0 or hp.get("kl_weight", 0) > 0
 
     def sde_steps(self, batch: PromptBatch) -> Tensor | None:
         """``[T]`` bool: the steps of ``batch``'s training samples drawn stochastically (``None``: all)."""

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger("lightning_sdrl")
 
@@ -27,8 +28,28 @@ def all_finite(tensors: Iterable[Tensor | None]) -> bool:
         >>> all_finite([torch.ones(2), None]), all_finite([torch.tensor([1.0, float("nan")])])
         (True, False)
     """
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
+    return bool(finite_flags(tensors).all())
+
+
+def finite_flags(tensors: Iterable[Tensor | None]) -> Tensor:
+    """``[N]`` bool: whether each given tensor (``None`` entries skipped) holds only finite values.
+
+    A sharded tensor (FSDP2's ``DTensor``) is judged by all its shards: each rank checks its own
+    and the flags are combined across the tensor's mesh (a collective call: every rank must make
+    it), so every rank decides alike, as under DDP.
+    """
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    flags = torch.stack([torch.isfinite(t).all() for t in local])  # on the tensors' device: no sync per tensor
+    meshes = {t.device_mesh for t in tensors if isinstance(t, DTensor)}
+    if meshes:
+        counts = flags.to(torch.int32)
+        for mesh in meshes:
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group())
+        flags = counts.bool()
+    return flags
 
 
 class NonFiniteGuard:
@@ -109,7 +130,8 @@ def check_finite_state(state: Mapping[str, Tensor], what: str) -> None:
         ...
         FloatingPointError: refusing to write checkpoint: 1 of 2 tensors are not finite (b); ...
     """
-    bad = [name for name, value in state.items() if torch.is_tensor(value) and not torch.isfinite(value).all()]
+    tensors = {name: value for name, value in state.items() if torch.is_tensor(value)}
+    bad = [name for name, finite in zip(tensors, finite_flags(tensors.values()).tolist(), strict=True) if not finite]
     if bad:
         shown = ", ".join(bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
         raise FloatingPointError(

@@ -30,6 +30,7 @@ from lightning_sdrl.modules.guards import NonFiniteGuard, check_checkpoint_keys,
 from lightning_sdrl.modules.hyperparameters import record_arguments
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
+from lightning_sdrl.policies.sharding import is_sharded
 from lightning_sdrl.rewards.base import RewardModule, check_reward_output
 from lightning_sdrl.validation import check_positive_ints
 
@@ -137,6 +138,8 @@ class ReFLModule(GenerationModule):
         conditions = policy.encode_prompts(batch.prompts)
         size = len(batch)
         start = self._gradient_step_index(torch.Generator().manual_seed(batch.seed))
+        if is_sharded(policy.denoiser):  # FSDP2 gathers each block per call: every rank must call alike
+            start = int(self.trainer.strategy.broadcast(start))  # rank 0's step, on every rank
         x = randn_tensor((size, *policy.sample_shape), generator=generator, device=policy.device, dtype=policy.dtype)
         # 1. no gradients down to the chosen step
         with torch.no_grad():

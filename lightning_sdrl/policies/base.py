@@ -668,13 +668,18 @@ class DiffusionPolicy(nn.Module, abc.ABC):
             # A list hides the copy from state_dict() and from the optimiser.
             self._reference_unet = [frozen]
 
+    @property
+    def reference_denoiser(self) -> nn.Module | None:
+        """The frozen copy :meth:`keep_reference` made (full fine-tuning), or ``None``."""
+        return self._reference_unet[0] if hasattr(self, "_reference_unet") else None
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001, D102 - keep the reference copy on our device
         result = super()._apply(fn, recurse)
         if hasattr(self, "_reference_unet"):
             self._reference_unet[0]._apply(fn, recurse)
         return result
 
-    def save_trained(self, directory: str | Path) -> Path:
+    def save_trained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Save what training changed, in diffusers format; :meth:`load_trained` reads it back.
 
         With LoRA, ``directory/pytorch_lora_weights.safetensors``: the adapter weights under
@@ -683,14 +688,25 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         ``load_lora_weights`` reads it. Under full fine-tuning, ``directory/unet/`` (or
         ``directory/transformer/``) written by the denoiser's ``save_pretrained``.
 
+        Args:
+            directory: output directory.
+            state_dict: the denoiser's trained weights to write instead of its own parameters
+                (:func:`~lightning_sdrl.policies.sharding.gathered_trained_state` of a sharded
+                denoiser); under full fine-tuning a fresh denoiser of the same config is built
+                from it and saved.
+
         Returns:
             ``directory``.
         """
         directory = Path(directory)
         if self.lora is None:
-            self.denoiser.save_pretrained(directory / self.denoiser_name)
+            denoiser = self.denoiser
+            if state_dict is not None:
+                denoiser = type(denoiser).from_config(denoiser.config)
+                denoiser.load_state_dict(state_dict, strict=True)
+            denoiser.save_pretrained(directory / self.denoiser_name)
         else:
-            save_lora_weights(self.denoiser, self.lora, directory, prefix=self.denoiser_name)
+            save_lora_weights(self.denoiser, self.lora, directory, prefix=self.denoiser_name, state_dict=state_dict)
         return directory
 
     def load_trained(self, directory: str | Path) -> None:

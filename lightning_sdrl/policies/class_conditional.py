@@ -126,12 +126,19 @@ class ClassConditionalPolicy(DiffusionPolicy):
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` from pixel samples in ``[-1, 1]``."""
         return unit_range_images(sample)
 
-    def save_trained(self, directory: str | Path) -> Path:
+    def save_trained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Save the LoRA adapter as every policy does, or the full model via :meth:`save_pretrained`.
 
         The full model (``unet/``, ``scheduler/``, ``class_names.json``) loads with
         :meth:`from_pretrained` or, into a policy with ``lora=None``, with :meth:`load_trained`.
+        A sharded model's gathered ``state_dict`` (see the base class) is written as the LoRA file;
+        full fine-tuning of this policy under sharding is not supported.
         """
         if self.lora is None:
+            if state_dict is not None:
+                raise NotImplementedError(
+                    "saving a fully fine-tuned, sharded class-conditional model; train it with lora settings, "
+                    "or without ModelParallelStrategy"
+                )
             return self.save_pretrained(directory)
-        return super().save_trained(directory)
+        return super().save_trained(directory, state_dict=state_dict)

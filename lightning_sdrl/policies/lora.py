@@ -106,7 +106,11 @@ def lora_disabled(module: nn.Module) -> Iterator[None]:
 
 
 def save_lora_weights(
-    unet: nn.Module, settings: LoRASettings, directory: str | Path, prefix: str = UNET_PREFIX
+    unet: nn.Module,
+    settings: LoRASettings,
+    directory: str | Path,
+    prefix: str = UNET_PREFIX,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write a denoiser's adapters to ``directory/pytorch_lora_weights.safetensors`` (the format above).
 
@@ -115,6 +119,8 @@ def save_lora_weights(
         settings: the settings the adapters were made from (stored as metadata).
         directory: output directory.
         prefix: the pipeline component the weights belong to: ``"unet"`` or ``"transformer"``.
+        state_dict: the denoiser's weights to write instead of its own (at least the adapters', by
+            their names in ``unet``), e.g. a sharded denoiser's gathered ones.
 
     Returns:
         The path of the written file.
@@ -124,7 +130,7 @@ def save_lora_weights(
     _SAVERS[prefix].save_lora_weights(
         directory,
         **{
-            f"{prefix}_lora_layers": get_peft_model_state_dict(unet),
+            f"{prefix}_lora_layers": get_peft_model_state_dict(unet, state_dict=state_dict),
             f"{prefix}_lora_adapter_metadata": settings.config().to_dict(),
         },
     )

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_sdrl.functional.ema import ema_update
 from lightning_sdrl.policies.base import DiffusionPolicy
+from lightning_sdrl.policies.sharding import full_tensor, like_parameter
 
 __all__ = ["ParameterCopy"]
 
@@ -70,6 +71,8 @@ class ParameterCopy:
         trainable = _trainable(policy)
         self._check_names_and_shapes({name: p.shape for name, p in trainable.items()}, "the policy's trainable")
         for name, parameter in trainable.items():
+            # a policy sharded after the copy was made (FSDP2): the copy takes the parameter's layout
+            self._tensors[name] = like_parameter(self._tensors[name], parameter)
             if self._tensors[name].device != parameter.device:
                 self._tensors[name] = self._tensors[name].to(parameter.device)
         return trainable
@@ -128,8 +131,15 @@ class ParameterCopy:
                     parameter.copy_(own[name])
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The copied values by parameter name (the tensors themselves, on the devices they live on)."""
+        """The copied values by parameter name (the tensors themselves, on the devices they live on).
+
+        Copies of sharded parameters are ``DTensor`` shards; :meth:`full_state_dict` gathers them.
+        """
         return dict(self._tensors)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """:meth:`state_dict` with every shard gathered into the whole tensor (collective when sharded)."""
+        return {name: full_tensor(tensor) for name, tensor in self._tensors.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Copy ``state`` (from :meth:`state_dict`, any device) into this copy's tensors.
@@ -140,7 +150,7 @@ class ParameterCopy:
         self._check_names_and_shapes({name: tensor.shape for name, tensor in state.items()}, "the state's")
         with torch.no_grad():
             for name, tensor in self._tensors.items():
-                tensor.copy_(state[name])
+                tensor.copy_(like_parameter(state[name], tensor))
 
     def __repr__(self) -> str:
         count = sum(tensor.numel() for tensor in self._tensors.values())

@@ -10,8 +10,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml", devices=2, extra=()):
-    """Fit a tiny config for 2 epochs on ``devices`` gloo processes; returns the records directory."""
+def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml", devices=2, extra=(), strategy="ddp", check=True):
+    """Fit a tiny config for 2 epochs on ``devices`` gloo processes; returns the records directory.
+
+    ``strategy`` is the multi-process one (``"fsdp2"``: sharded); with ``check`` the run must succeed.
+    """
     records = tmp_path / "records"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
@@ -21,7 +24,7 @@ def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml", devices=2, extra=
         "fit",
         "-c",
         config,
-        f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}",
+        f"--trainer.strategy={strategy if devices > 1 else 'auto'}",
         f"--trainer.devices={devices}",
         "--trainer.accelerator=cpu",
         "--trainer.max_epochs=2",
@@ -33,7 +36,8 @@ def ddp_fit(tmp_path, reward, config="configs/tiny/ddpo.yaml", devices=2, extra=
         *extra,
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
     return records, result
 
 
