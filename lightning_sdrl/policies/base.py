@@ -700,14 +700,18 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """
         directory = Path(directory)
         if self.lora is None:
-            denoiser = self.denoiser
-            if state_dict is not None:
-                denoiser = type(denoiser).from_config(denoiser.config)
-                denoiser.load_state_dict(state_dict, strict=True)
-            denoiser.save_pretrained(directory / self.denoiser_name)
+            self.denoiser_with(state_dict).save_pretrained(directory / self.denoiser_name)
         else:
             save_lora_weights(self.denoiser, self.lora, directory, prefix=self.denoiser_name, state_dict=state_dict)
         return directory
+
+    def denoiser_with(self, state_dict: dict[str, Tensor] | None) -> nn.Module:
+        """The denoiser, or (given its whole ``state_dict``, e.g. gathered from shards) a fresh one holding it."""
+        if state_dict is None:
+            return self.denoiser
+        denoiser = type(self.denoiser).from_config(self.denoiser.config)
+        denoiser.load_state_dict(state_dict, strict=True)
+        return denoiser
 
     def load_trained(self, directory: str | Path) -> None:
         """Load what :meth:`save_trained` wrote into this policy (built as the one that saved).

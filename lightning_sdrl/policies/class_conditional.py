@@ -91,10 +91,10 @@ class ClassConditionalPolicy(DiffusionPolicy):
             compile=compile,
         )
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``unet/``, ``scheduler/`` and ``class_names.json``."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write ``unet/``, ``scheduler/`` and ``class_names.json`` (the UNet holding ``state_dict`` if given)."""
         directory = Path(directory)
-        self.unet.save_pretrained(directory / "unet")
+        self.denoiser_with(state_dict).save_pretrained(directory / "unet")
         self.scheduler.save_pretrained(directory / "scheduler")
         (directory / CLASS_NAMES_FILE).write_text(json.dumps(self.class_names))
         return directory
@@ -131,14 +131,8 @@ class ClassConditionalPolicy(DiffusionPolicy):
 
         The full model (``unet/``, ``scheduler/``, ``class_names.json``) loads with
         :meth:`from_pretrained` or, into a policy with ``lora=None``, with :meth:`load_trained`.
-        A sharded model's gathered ``state_dict`` (see the base class) is written as the LoRA file;
-        full fine-tuning of this policy under sharding is not supported.
+        A sharded model's gathered ``state_dict`` (see the base class) is what is written.
         """
         if self.lora is None:
-            if state_dict is not None:
-                raise NotImplementedError(
-                    "saving a fully fine-tuned, sharded class-conditional model; train it with lora settings, "
-                    "or without ModelParallelStrategy"
-                )
-            return self.save_pretrained(directory)
+            return self.save_pretrained(directory, state_dict=state_dict)
         return super().save_trained(directory, state_dict=state_dict)

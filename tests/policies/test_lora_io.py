@@ -155,6 +155,34 @@ def test_class_conditional_load_trained_full_fine_tuning(tmp_path):
     torch.testing.assert_close(fresh.denoise(x, t, c), trained.denoise(x, t, c), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["class_conditional", "text_to_image"])
+def test_save_trained_writes_a_given_state_dict_as_the_full_denoiser(family, tmp_path):
+    """What a sharded run exports: the gathered whole weights, written as the unsharded denoiser would be."""
+    if family == "class_conditional":
+
+        def make():
+            return ClassConditionalPolicy(tiny_class_conditional_unet(3), stable_diffusion_scheduler(), ["a", "b", "c"])
+
+        prompts = ["a", "c"]
+    else:
+
+        def make():
+            return RandomTextToImagePolicy("tiny", lora=None)
+
+        prompts = ["a cat", "a dog"]
+    source = make()
+    state = {name: value.clone() for name, value in source.denoiser.state_dict().items()}
+    state["conv_out.bias"] += 0.5  # the "trained" weights differ from the policy's own
+    source.save_trained(tmp_path, state_dict=state)
+    fresh, expected = make(), make()
+    fresh.load_trained(tmp_path)
+    expected.denoiser.load_state_dict(state)
+    x, t, c = torch.randn(2, *fresh.sample_shape), torch.tensor([5, 700]), fresh.encode_prompts(prompts)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.denoise(x, t, c), expected.denoise(x, t, c), atol=1e-6, rtol=0)
+        assert not torch.allclose(fresh.denoise(x, t, c), source.denoise(x, t, c), atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- clear errors
 def test_load_trained_missing_directory_or_files(tmp_path):
     policy = RandomTextToImagePolicy("tiny", lora=LoRASettings())
