@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_sdrl.callbacks import classified_ratio, prompt_kl
+from lightning_sdrl.callbacks import classified_ratio, prompt_bias, prompt_kl
 from lightning_sdrl.cli import run_cli as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,7 @@ def prompt_rows(history: list[dict]) -> dict[str, dict]:
             "column": column,
             "q": q,
             "kl": [prompt_kl(s) for s in shares],
+            "bias": [prompt_bias(s) for s in shares],  # Shen et al.'s bias (two classes: |1 - 2 q|)
             "last10_mean": sum(last) / len(last),
             "last10_min": min(last),
             "last10_max": max(last),
@@ -71,19 +72,21 @@ def prompt_rows(history: list[dict]) -> dict[str, dict]:
 
 def multi_table(results: dict[str, dict]) -> str:
     rows = [
-        "| prompt | q = share of | start | end | last 10 epochs (50 +- 7%) | KL start -> end |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| prompt | q = share of | start | end | last 10 epochs (50 +- 7%) | KL start -> end | bias start -> end |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for prompt, r in results.items():
         rows.append(
             f"| '{prompt}' | {r['column']} | {100 * r['q'][0]:.1f}% | {100 * r['q'][-1]:.1f}% | "
             f"mean {100 * r['last10_mean']:.1f}%, min {100 * r['last10_min']:.1f}%, max {100 * r['last10_max']:.1f}% "
-            f"(**{'held' if r['held'] else 'not held'}**) | {r['kl'][0]:.3f} -> {r['kl'][-1]:.3f} |"
+            f"(**{'held' if r['held'] else 'not held'}**) | {r['kl'][0]:.3f} -> {r['kl'][-1]:.3f} | "
+            f"{r['bias'][0]:.3f} -> {r['bias'][-1]:.3f} |"
         )
     kl = torch.tensor([r["kl"] for r in results.values()])
-    rows.append(
-        f"| mean over prompts | | | | | {kl[:, 0].mean():.3f} -> {kl[:, -1].mean():.3f} (worst {kl[:, -1].max():.3f}) |"
-    )
+    bias = torch.tensor([r["bias"] for r in results.values()], dtype=torch.float64)
+    kl_cell = f"{kl[:, 0].mean():.3f} -> {kl[:, -1].mean():.3f} (worst {kl[:, -1].max():.3f})"
+    bias_cell = f"{bias[:, 0].mean():.3f} -> {bias[:, -1].mean():.3f} (worst {bias[:, -1].max():.3f})"
+    rows.append(f"| mean over prompts | | | | | {kl_cell} | {bias_cell} |")
     return "\n".join(rows)
 
 
@@ -95,7 +98,8 @@ def joint_table(history: list[dict]) -> str:
             rows.append(
                 f"| {name} | {100 * classified_ratio(first, name):.1f}% | {100 * classified_ratio(last, name):.1f}% |"
             )
-    return "\n".join(rows + [f"| (None, of all) | {100 * first['None']:.1f}% | {100 * last['None']:.1f}% |"])
+    rows.append(f"| (None, of all) | {100 * first['None']:.1f}% | {100 * last['None']:.1f}% |")
+    return "\n".join(rows + [f"| joint bias (Shen et al.) | {prompt_bias(first):.3f} | {prompt_bias(last):.3f} |"])
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_sdrl.data.sampling import PromptBatch
 from lightning_sdrl.figures import save_captioned_grid, shares_caption
 from lightning_sdrl.functional.classifier_rewards import classify_with_threshold, joint_classes
-from lightning_sdrl.functional.metrics import attribute_kl
+from lightning_sdrl.functional.metrics import attribute_kl, pairwise_bias
 from lightning_sdrl.rewards.attribute import BalanceReward, JointBalanceReward, class_shares, group_probabilities
 
 _NOT_FINITE = -2  # class of an image with a non-finite probability: neither a class nor "None"
@@ -262,6 +262,13 @@ class AttributeTracker(pl.Callback):
                 shown = "prompt_eval_shares"
             for prompt, shares in record[shown].items():
                 line += f'\n    "{prompt}"{" (fixed noise)" if self.eval_samples else ""}: {_format(shares)}'
+        # the fairness literature's bias of each shares entry (classified images; see prompt_bias)
+        for key in ("shares", "eval_shares"):
+            if key in record:
+                record[key.replace("shares", "bias")] = prompt_bias(record[key])
+        for key in ("prompt_shares", "prompt_eval_shares"):
+            if key in record:
+                record[key.replace("shares", "bias")] = {p: prompt_bias(s) for p, s in record[key].items()}
         self.history.append(record)
         rank_zero_info(line)
 
@@ -289,6 +296,7 @@ class AttributeTracker(pl.Callback):
             "summary_samples": self.summary_samples * trainer.world_size,
             "before": self.before,
             "after": after,
+            "bias": {"before": None if self.before is None else prompt_bias(self.before), "after": prompt_bias(after)},
             "history": self.history,
         }
         (directory / "attributes.json").write_text(json.dumps(summary, indent=2))
@@ -505,6 +513,26 @@ def prompt_kl(shares: dict[str, float], target: Sequence[float] | None = None) -
     if counts.sum() <= 0:
         return float("nan")
     return float(attribute_kl(counts, None if target is None else torch.tensor(target)))
+
+
+def prompt_bias(shares: dict[str, float]) -> float | None:
+    """Shen et al.'s bias (mean over class pairs of ``|freq_i - freq_j|``) of classified shares, ``"None"`` left out.
+
+    Args:
+        shares: shares by column name (the last one ``"None"``), as in ``shares`` or ``prompt_shares``.
+
+    Returns:
+        The bias of the classified images' frequencies (0 balanced, ``2 / K`` one class only);
+        ``None`` if no image is classified (JSON has no NaN).
+
+    Example:
+        >>> round(prompt_bias({"0": 0.6, "6": 0.2, "None": 0.2}), 4)
+        0.5
+    """
+    counts = torch.tensor([value for key, value in shares.items() if key != "None"], dtype=torch.float64)
+    if counts.sum() <= 0:
+        return None
+    return float(pairwise_bias(counts))
 
 
 def plot_prompt_history(history: list[dict[str, Any]], path: Path, target: Sequence[float] | None = None) -> None:

@@ -12,6 +12,11 @@ from lightning_sdrl.rewards.attribute import BalanceReward
 from tests.modules.test_ddpo import tiny_trainer
 
 
+def two_class_bias(shares):
+    classified = shares["0"] + shares["6+8+9"]
+    return pytest.approx(abs(shares["0"] - shares["6+8+9"]) / classified) if classified > 0 else None
+
+
 def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
     reward = BalanceReward(DigitsClassifier(), groups=[[0], [6, 8, 9]], threshold=0.3)
     module = DDPOModule(
@@ -33,6 +38,10 @@ def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
         assert set(record["shares"]) == {"0", "6+8+9", "None"}
         assert abs(sum(record["shares"].values()) - 1) < 1e-6
     assert set(summary["before"]) == set(summary["after"]) == {"0", "6+8+9", "None"}
+    # the fairness bias of every shares entry: |f_0 - f_6+8+9| of the classified images (None left out)
+    for record in summary["history"]:
+        assert record["bias"] == two_class_bias(record["shares"])
+    assert summary["bias"] == {"before": two_class_bias(summary["before"]), "after": two_class_bias(summary["after"])}
     for name in ("attributes.png", "samples_before.png", "samples_after.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert tracker.state_dict()["history"] == summary["history"]

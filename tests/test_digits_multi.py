@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -60,6 +61,10 @@ def test_multi_prompt_balance_moves_every_prompt_towards_its_own_balance(tmp_pat
         kl = [prompt_kl(s) for s in shares]
         assert q[0] < 0.4, (prompt, q)  # the shipped model's bias on both prompts
         assert max(q[1:]) > q[0] + 0.1 and min(kl[1:]) < kl[0], (prompt, q, kl)
+        # the fairness bias the tracker records: two classes, so |f_a - f_b| = |1 - 2 q|
+        bias = [record["prompt_eval_bias"][prompt] for record in history]
+        assert bias == pytest.approx([abs(1 - 2 * value) for value in q])
+        assert min(bias[1:]) < bias[0]
 
 
 def test_joint_balance_run_scores_the_joint_classes_of_digit_and_thickness(tmp_path):

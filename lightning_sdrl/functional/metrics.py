@@ -200,3 +200,40 @@ def attribute_kl(counts: Tensor, target: Tensor | None = None) -> Tensor:
     p = counts / counts.sum(dim=-1, keepdim=True)
     t = target / target.sum()
     return torch.xlogy(p, p).sum(dim=-1) - torch.xlogy(p, t).sum(dim=-1)
+
+
+def pairwise_bias(counts: Tensor) -> Tensor:
+    """The fairness bias of Shen et al. (2024): the mean over class pairs of ``|freq_i - freq_j|``.
+
+    ``bias = 2 / (K (K - 1)) * sum_{i<j} |f_i - f_j|`` with ``f`` the class frequencies of a
+    prompt's images (``counts`` normalised to sum to 1). 0 is perfectly balanced; one class
+    taking every image gives ``2 / K`` (1 for two classes). Given ``[P, K]`` counts, one bias per
+    prompt (``[P]``; average them for the paper's mean over prompts). For joint attributes (gender
+    x race) pass the counts of the joint classes.
+
+    Args:
+        counts: ``[K]`` (or ``[P, K]``) non-negative class counts or frequencies, ``K >= 2``, no
+            row all zero.
+
+    Returns:
+        Scalar (or ``[P]``) float64 bias.
+
+    Raises:
+        ValueError: If ``counts`` is not ``[K]`` or ``[P, K]`` with ``K >= 2``, or a row is negative
+            or sums to 0.
+
+    Example:
+        >>> pairwise_bias(torch.tensor([3, 1]))  # 75% / 25%
+        tensor(0.5000, dtype=torch.float64)
+        >>> pairwise_bias(torch.tensor([[1, 1, 1, 1], [4, 0, 0, 0]]))  # balanced; one class of four
+        tensor([0.0000, 0.5000], dtype=torch.float64)
+    """
+    counts = torch.as_tensor(counts).double()
+    if counts.ndim not in (1, 2) or counts.shape[-1] < 2:
+        raise ValueError(f"counts has shape {list(counts.shape)}; expected [K] or [P, K] with K >= 2 classes")
+    if (counts < 0).any() or (counts.sum(dim=-1) <= 0).any():
+        raise ValueError(f"counts={counts.tolist()}; expected non-negative values, no row all zero")
+    freq = counts / counts.sum(dim=-1, keepdim=True)
+    num_classes = counts.shape[-1]
+    differences = (freq.unsqueeze(-1) - freq.unsqueeze(-2)).abs().sum(dim=(-2, -1)) / 2  # each pair once
+    return differences * 2 / (num_classes * (num_classes - 1))

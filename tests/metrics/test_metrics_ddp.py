@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from lightning_sdrl.metrics.attribute_bias import AttributeBias
 from lightning_sdrl.metrics.attribute_kl import AttributeKL
 from lightning_sdrl.metrics.fid import FID
 from lightning_sdrl.metrics.precision_recall import PrecisionRecall
@@ -34,6 +35,7 @@ def new_metrics() -> dict:
         "fid": FID(tiny_extractor(), num_features=5),
         "prc": PrecisionRecall(tiny_extractor(), k=3),
         "kl": AttributeKL(num_classes=3),
+        "bias": AttributeBias(num_classes=3),
     }
 
 
@@ -46,12 +48,14 @@ def run_metrics(batches: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tenso
             image_metric.update(batch, real=False)
     for batch in batches["probs"]:
         metrics["kl"].update(batch)
+        metrics["bias"].update(batch)
     prc = metrics["prc"].compute()
     return {
         "fid": metrics["fid"].compute(),
         "precision": prc["precision"],
         "recall": prc["recall"],
         "kl": metrics["kl"].compute(),
+        "bias": metrics["bias"].compute(),
     }
 
 
