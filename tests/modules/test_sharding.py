@@ -85,12 +85,15 @@ def test_a_sharded_update_equals_one_process_on_the_global_batch(fine_tuning, tm
 
 
 def test_grpo_groups_see_both_ranks_and_each_rank_holds_half_of_the_flux_transformer(tmp_path):
-    """Flow-GRPO on the tiny FLUX.1 sharded over 2 processes: both ranks use the same group advantages."""
-    ddp_fit(tmp_path, BRIGHTNESS, "configs/tiny/grpo_flux.yaml", 2, ["--data.num_batches_per_epoch=2"], "fsdp2")
+    """Flow-GRPO on the tiny FLUX.1 sharded over 2 processes, with activation checkpointing and a batch-level
+    reward: both ranks use the same group advantages and the reward scores both ranks' images at once."""
+    arguments = ["--data.num_batches_per_epoch=2", "--model.init_args.policy.init_args.gradient_checkpointing=true"]
+    ddp_fit(tmp_path, "tests.helpers.BatchRankReward", "configs/tiny/grpo_flux.yaml", 2, arguments, "fsdp2")
     for epoch in range(2):
         rank0, rank1 = records(tmp_path, epoch)
         assert rank0["advantages"] == rank1["advantages"]
         assert len(rank0["advantages"]) == 2 * len(rank0["sample_sums"])  # groups span both ranks
+        assert set(rank0["reward_seen"]) == set(rank1["reward_seen"]) == {2 * 4}  # 4 images per rank and batch
         assert rank0["trainable_sum"] == rank1["trainable_sum"]
         assert rank0["local_denoiser_numel"] <= rank0["denoiser_numel"] // 2 + 64
     assert (tmp_path / "trained" / LORA_WEIGHTS_FILE).is_file()
