@@ -9,6 +9,7 @@ this base gives the rest.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 __all__ = ["PipelineParts", "check_encoder_pair"]
 
 
-class PipelineParts:
+class PipelineParts(abc.ABC):
     """Base of the component dataclasses: :meth:`models`, :meth:`to`, :meth:`save_pretrained` (via :meth:`pipeline`)."""
 
     def models(self) -> list[nn.Module]:
@@ -33,9 +34,9 @@ class PipelineParts:
             module.to(device=device, dtype=dtype)
         return self
 
+    @abc.abstractmethod
     def pipeline(self) -> Any:
         """The diffusers pipeline over these very components (no copy)."""
-        raise NotImplementedError(f"{type(self).__name__} does not say which pipeline it builds")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the model in the diffusers layout its pipeline's ``from_pretrained`` loads; returns ``directory``.
