@@ -50,6 +50,23 @@ class BatchRankReward(RewardModule):
         return images.mean(dim=(1, 2, 3))
 
 
+class ThreadRecordingBrightness(RewardModule):
+    """Brightness that records the thread each call ran on, scored in the background when ``background``."""
+
+    def __init__(self, background: bool = False, fail_at_call: int | None = None) -> None:
+        super().__init__()
+        self.background, self.fail_at_call = background, fail_at_call
+        self.threads: list[str] = []
+
+    def forward(self, images, prompts, **metadata):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if self.fail_at_call is not None and len(self.threads) == self.fail_at_call:
+            raise RuntimeError(f"the reward failed at call {self.fail_at_call}")
+        return images.mean(dim=(1, 2, 3))
+
+
 class RaiseOnRankOneReward(RewardModule):
     """Brightness on process 0; process 1 raises at its first call (a judge that crashes on one rank)."""
 
@@ -105,7 +122,8 @@ class RecordUpdates(pl.Callback):
             "rewards": info["rewards"].tolist(),
             "prompt_ids": info["prompt_ids"].tolist(),
             "local_prompts": list(info["prompts"]),
-            "reward_seen": list(getattr(pl_module.reward, "seen", [])),
+            "reward_seen": next((list(m.seen) for m in pl_module.reward.modules() if hasattr(m, "seen")), []),
+            "components": None if info.get("components") is None else info["components"].tolist(),
             # whole tensors also when sharded (a collective call: every rank records)
             "trainable_sum": sum(float(full_tensor(p).double().sum()) for p in pl_module.policy.trainable_parameters()),
             "denoiser_numel": sum(p.numel() for p in pl_module.policy.denoiser.parameters()),

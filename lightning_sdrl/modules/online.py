@@ -21,6 +21,7 @@ import abc
 import contextlib
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, all_finite, check_checkpoint_keys, check_finite_state
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.rewards.base import RewardModule, check_reward_output
+from lightning_sdrl.rewards.combination import MultiReward
 
 log = logging.getLogger("lightning_sdrl")
 
@@ -65,6 +67,8 @@ class EpochSamples:
         prompt_ids: ``[W * B]`` prompt ids of all processes.
         images: ``[B, 3, H, W]`` this process's images.
         prompts: this process's ``B`` prompts.
+        components: ``[W * B, K]`` the components of a :class:`MultiReward` whose combination is
+            ``rewards`` (``None`` for a single reward).
     """
 
     rewards: Tensor
@@ -72,6 +76,23 @@ class EpochSamples:
     prompt_ids: Tensor
     images: Tensor
     prompts: list[str]
+    components: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _AutocastState:
+    """A thread's autocast setting for one device type, to re-enter in a worker thread (autocast is per thread)."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def capture(cls, device_type: str) -> _AutocastState:
+        return cls(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+    def applied(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
 class OnlineRLModule(GenerationModule, abc.ABC):
@@ -120,6 +141,7 @@ class OnlineRLModule(GenerationModule, abc.ABC):
         self.guard = NonFiniteGuard(max_consecutive_skips, self.algorithm_name)
         self.last_update: EpochSamples | None = None
         self.reward_history: list[Tensor] = []
+        self._reward_worker: ThreadPoolExecutor | None = None
 
     def on_fit_start(self) -> None:
         """Refuse group-relative advantages without groups (each prompt sampled once gets advantage 0)."""
@@ -162,13 +184,18 @@ class OnlineRLModule(GenerationModule, abc.ABC):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Sample and score one batch; on the epoch's last batch, run the policy update."""
+        """Sample and score one batch; on the epoch's last batch, run the policy update.
+
+        A ``background`` reward scores a batch in a worker thread while the next batch is sampled;
+        the epoch's rewards are collected, in order, before the update.
+        """
         rollouts = self.rollout(batch)
         self._epoch_samples.append((rollouts, self.score(rollouts)))
         if batch_idx + 1 >= self.trainer.num_training_batches:
             samples, self._epoch_samples = self._epoch_samples, []
             rollouts = type(rollouts).cat([t for t, _ in samples])
-            self.update(rollouts, torch.cat([r for _, r in samples]))
+            scores = [r.result() if isinstance(r, Future) else r for _, r in samples]
+            self.update(rollouts, torch.cat(scores))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the tracker's buffers and fault counters; drop frozen weights when ``checkpoint_trainable_only``.
@@ -196,11 +223,22 @@ class OnlineRLModule(GenerationModule, abc.ABC):
 
     def on_train_end(self) -> None:
         """Write the trained weights in diffusers format to ``<log_dir>/trained`` (never non-finite ones)."""
+        self._stop_reward_worker()
         self.write_trained()
 
+    def on_exception(self, exception: BaseException) -> None:
+        """Drop the background reward work still queued when the run fails."""
+        self._stop_reward_worker()
+
     @torch.no_grad()
-    def score(self, trajectory: Rollouts) -> Tensor:
-        """Rewards ``[B]`` of sampled trajectories (batch-level rewards see all processes)."""
+    def score(self, trajectory: Rollouts) -> Tensor | Future[Tensor]:
+        """Rewards of sampled trajectories (batch-level rewards see all processes).
+
+        Returns ``[B]`` rewards, or ``[B, K]`` component rewards for a :class:`MultiReward` (combined
+        over the epoch in :meth:`update`); a :class:`~concurrent.futures.Future` of them for a
+        ``background`` reward. Gathering the images of all processes (a collective) is always done
+        here, on the training thread; only the reward's own computation moves to the worker.
+        """
         images, prompts = trajectory.images, trajectory.prompts
         world = self.trainer.world_size if self._trainer is not None else 1
         batch_level = getattr(self.reward, "batch_level", False) and world > 1
@@ -209,16 +247,38 @@ class OnlineRLModule(GenerationModule, abc.ABC):
             gathered: list[list[str]] = [[] for _ in range(world)]
             torch.distributed.all_gather_object(gathered, prompts)
             prompts = sum(gathered, [])
-        rewards = check_reward_output(self.reward(images, prompts), len(prompts), type(self.reward).__name__)
-        if batch_level:
-            rewards = rewards.view(world, -1)[self.global_rank]
+        rank = self.global_rank if batch_level else None
+        if not getattr(self.reward, "background", False):
+            return self._reward_rows(images, prompts, world, rank)
+        if self._reward_worker is None:
+            self._reward_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        # grad mode and autocast are per thread: the worker re-enters no_grad and this thread's autocast
+        autocast = _AutocastState.capture(self.device.type)
+        return self._reward_worker.submit(self._reward_rows, images, prompts, world, rank, autocast)
+
+    def _reward_rows(
+        self, images: Tensor, prompts: list[str], world: int, rank: int | None, autocast: _AutocastState | None = None
+    ) -> Tensor:
+        """The reward of ``images`` (this process's rows of them when ``rank`` is given)."""
+        with torch.no_grad(), autocast.applied() if autocast is not None else contextlib.nullcontext():
+            if isinstance(self.reward, MultiReward):
+                rewards = self.reward.score_components(images, prompts)
+            else:
+                rewards = check_reward_output(self.reward(images, prompts), len(prompts), type(self.reward).__name__)
+        if rank is not None:
+            rewards = rewards.unflatten(0, (world, -1))[rank]
         return rewards.to(self.device, torch.float32)
+
+    def _stop_reward_worker(self) -> None:
+        if self._reward_worker is not None:
+            self._reward_worker.shutdown(wait=True, cancel_futures=True)
+            self._reward_worker = None
 
     # ------------------------------------------------------------------ the policy update
     def _gather(self, tensor: Tensor) -> Tensor:
-        """``[B]`` per process -> ``[world * B]`` in rank order (identity on one process)."""
+        """``[B, ...]`` per process -> ``[world * B, ...]`` in rank order (identity on one process)."""
         gathered = self.all_gather(tensor)
-        return gathered.flatten() if self.trainer.world_size > 1 else gathered
+        return gathered.flatten(0, 1) if self.trainer.world_size > 1 else gathered
 
     @property
     def tracker(self) -> AdvantageRule:
@@ -234,7 +294,12 @@ class OnlineRLModule(GenerationModule, abc.ABC):
         """
         all_rewards = self._gather(rewards)
         all_ids = self._gather(trajectory.prompt_ids)
-        self.last_update = EpochSamples(all_rewards, None, all_ids, trajectory.images, trajectory.prompts)
+        components, component_means = None, {}
+        if all_rewards.ndim == 2:  # a MultiReward's components, combined over the whole epoch
+            components, all_rewards = all_rewards, self.reward.combine(all_rewards, all_ids.tolist())
+            kept = components[torch.isfinite(all_rewards)]
+            component_means = {f"train/reward/{n}": kept[:, k].mean() for k, n in enumerate(self.reward.names)}
+        self.last_update = EpochSamples(all_rewards, None, all_ids, trajectory.images, trajectory.prompts, components)
         finite = torch.isfinite(all_rewards)
         dropped = int((~finite).sum())
         self.dropped_samples += dropped
@@ -277,6 +342,7 @@ class OnlineRLModule(GenerationModule, abc.ABC):
                 "train/skipped_steps": float(self.guard.skipped_steps),
                 "train/dropped_samples": float(dropped),
                 **{f"train/{key}": value for key, value in self.advantage_rule.statistics().items()},
+                **component_means,
                 **stats,
             }
         )

@@ -130,9 +130,14 @@ class RewardModule(nn.Module):
     Attributes:
         batch_level: ``True`` when the reward of an image depends on the whole batch (under DDP it
             then receives the images of all processes at once).
+        background: ``True`` when the online RL loop should compute the reward in a background
+            thread, overlapping the next batch's sampling (rewards that wait on another machine: a
+            reward server, a VLM judge). The rewards are the same numbers as computed in line; such
+            a reward must not draw from torch's global random generator (the sampler does).
     """
 
     batch_level: bool = False
+    background: bool = False
 
 
 def check_reward_output(rewards: Any, batch_size: int, name: str = "reward") -> Tensor:

@@ -107,3 +107,30 @@ def test_forward_process_update_on_two_processes_equals_one_process_on_the_globa
         for key, value in two_checkpoint[name].items():
             # two Adam steps of lr 0.05 / 0.02 move the weights by ~1e-2; sum order moves them by ~1e-5
             torch.testing.assert_close(value, one_checkpoint[name][key], rtol=0, atol=1e-4, msg=f"{name} {key}")
+
+
+def test_a_multi_reward_under_ddp_combines_the_epoch_of_both_processes_in_the_background(tmp_path):
+    """Components of both ranks gathered, combined over the epoch's prompt groups; the batch-level
+    component sees both ranks' images; a background component moves the whole scoring to the worker."""
+    from tests.rewards.test_combination import hand_combination
+
+    reward = {
+        "class_path": "lightning_sdrl.rewards.combination.MultiReward",
+        "init_args": {
+            "rewards": {
+                "batch": {"class_path": "tests.helpers.BatchRankReward"},
+                "bright": {"class_path": "tests.helpers.ThreadRecordingBrightness", "init_args": {"background": True}},
+            },
+            "weights": {"batch": 1.0, "bright": -0.5},
+            "normalize": "group",
+        },
+    }
+    records, _ = ddp_fit(tmp_path, json.dumps(reward))
+    for epoch in range(2):
+        rank0 = json.loads((records / f"rank0_epoch{epoch}.json").read_text())
+        rank1 = json.loads((records / f"rank1_epoch{epoch}.json").read_text())
+        assert rank0["components"] == rank1["components"] and len(rank0["components"]) == 16
+        assert rank0["rewards"] == rank1["rewards"]
+        expected = hand_combination(rank0["components"], [1.0, -0.5], rank0["prompt_ids"], eps=1e-4)
+        torch.testing.assert_close(torch.tensor(rank0["rewards"], dtype=torch.float64), expected, rtol=1e-5, atol=1e-5)
+        assert set(rank0["reward_seen"]) == {2 * 4}  # the batch-level component saw both ranks' batches
