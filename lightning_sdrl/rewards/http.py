@@ -110,10 +110,10 @@ def post(
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
             last = error
     attempts = retries + 1
+    start = " (start one: `python -m lightning_sdrl serve-reward -c reward.yaml`)" if what == "reward server" else ""
     raise RemoteRewardError(
         f"{what} at {url} failed {attempts} attempt{'s' * (attempts > 1)} ({_describe(last)}); check that it "
-        "is running and reachable at that URL (start a reward server with `python -m lightning_sdrl "
-        "serve-reward -c reward.yaml`), or raise the timeout / retries"
+        f"is running and reachable at that URL{start}, or raise the timeout / retries"
     ) from last
 
 
