@@ -17,6 +17,9 @@ Two entry points: :func:`main` is the console script ``lightning-sdrl``: it retu
 successful run exits 0, and an error raised while the config's classes are built prints our own
 message last and exits 2. :func:`run_cli` returns the :class:`~lightning.pytorch.cli.LightningCLI`
 object (for tests and benchmarks) and re-raises such an error as the original exception.
+
+``lightning-sdrl serve-reward -c reward.yaml`` serves a reward over HTTP instead of training
+(:mod:`lightning_sdrl.reward_server`; its config holds ``reward:``, ``host``, ``port``, ``device``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import jsonargparse
 import lightning
@@ -55,9 +58,15 @@ CLASS_MODULES = (
     "lightning_sdrl.rewards.aesthetic",
     "lightning_sdrl.rewards.attribute",
     "lightning_sdrl.rewards.classifiers",
+    "lightning_sdrl.rewards.combination",
     "lightning_sdrl.rewards.diversity",
+    "lightning_sdrl.rewards.hps",
+    "lightning_sdrl.rewards.image_reward",
+    "lightning_sdrl.rewards.pickscore",
+    "lightning_sdrl.rewards.remote",
     "lightning_sdrl.rewards.reward_model",
     "lightning_sdrl.rewards.simple",
+    "lightning_sdrl.rewards.vlm_judge",
     "lightning_sdrl.callbacks",
     "lightning_sdrl.strategies",
 )
@@ -309,14 +318,25 @@ class SDRLCLI(LightningCLI):
             check_ckpt_path(config.get("ckpt_path"))
             super().instantiate_classes()
         except Exception as error:
-            cause = config_error_cause(error)
-            if self.exit_on_config_error:
-                print(format_config_error(cause), file=sys.stderr)
-                sys.exit(EXIT_CONFIG_ERROR)
-            if cause is error:
-                raise
-            # the error the class raised, chained to what it was raised from, not jsonargparse's wrapper
-            raise cause from _inner(cause)
+            raise_config_error(error, self.exit_on_config_error)
+
+
+def raise_config_error(error: Exception, exit_on_config_error: bool) -> NoReturn:
+    """Re-raise the error a class of the config raised while it was built, or print it and exit.
+
+    Args:
+        error: What building the classes raised (maybe jsonargparse's wrapper of the class's error).
+        exit_on_config_error: print the class's error (see :func:`format_config_error`) to stderr
+            and exit with :data:`EXIT_CONFIG_ERROR`; ``False`` re-raises it as itself.
+    """
+    cause = config_error_cause(error)
+    if exit_on_config_error:
+        print(format_config_error(cause), file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    if cause is error:
+        raise error
+    # the error the class raised, chained to what it was raised from, not jsonargparse's wrapper
+    raise cause from _inner(cause)
 
 
 def run_cli(args: list[str] | None = None) -> SDRLCLI:
@@ -332,8 +352,45 @@ def run_cli(args: list[str] | None = None) -> SDRLCLI:
 def main(args: list[str] | None = None) -> None:
     """The ``lightning-sdrl`` console script: run the CLI with ``args`` (default: ``sys.argv[1:]``).
 
-    Exits with status :data:`EXIT_CONFIG_ERROR` after printing the error when a class of the
-    config rejects its arguments; returns ``None`` otherwise, so a successful run exits 0.
+    ``serve-reward ...`` runs :func:`serve_reward_command` instead of the LightningCLI. Exits with
+    status :data:`EXIT_CONFIG_ERROR` after printing the error when a class of the config rejects
+    its arguments; returns ``None`` otherwise, so a successful run exits 0.
     """
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == [SERVE_REWARD]:
+        serve_reward_command(argv[1:], exit_on_config_error=True)
+        return
     with quiet_lightning():
         SDRLCLI(args, exit_on_config_error=True)
+
+
+SERVE_REWARD = "serve-reward"
+"""The subcommand that serves a reward over HTTP (:mod:`lightning_sdrl.reward_server`)."""
+
+
+def serve_reward_command(args: list[str], exit_on_config_error: bool = False) -> None:
+    """``lightning-sdrl serve-reward -c reward.yaml [--port 8000 ...]``: build the config's reward and serve it.
+
+    Args:
+        args: The arguments after ``serve-reward`` (``--help``, ``--print_config``, ``--reward.help CLASS``
+            work as for ``fit``; unknown keys are an error naming them).
+        exit_on_config_error: as :class:`SDRLCLI`'s: print the reward's error and exit with
+            :data:`EXIT_CONFIG_ERROR` when it rejects its arguments; ``False`` re-raises it.
+    """
+    try:
+        from lightning_sdrl.reward_server import reward_server_parser, serve_reward  # fastapi only when serving
+    except ModuleNotFoundError as error:
+        if error.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        raise ModuleNotFoundError(
+            f"serve-reward needs {error.name}, which is not installed: pip install fastapi uvicorn "
+            "(or pip install 'lightning_sdrl[serve]'); training against a server (RemoteReward) does not"
+        ) from error
+
+    parser = reward_server_parser()
+    config = parser.parse_args(args)
+    try:
+        built = parser.instantiate_classes(config)
+    except Exception as error:
+        raise_config_error(error, exit_on_config_error)
+    serve_reward(built.reward, host=built.host, port=built.port, device=built.device, log_level=built.log_level)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 LAYER_0 = {"package", "functional", "validation", "reference", "frozen"}
 LAYER_1 = {"policies", "rewards", "metrics"}
-LAYER_2 = {"data", "evaluation", "callbacks", "figures", "loggers", "modules", "strategies"}
+LAYER_2 = {"data", "evaluation", "callbacks", "figures", "loggers", "modules", "strategies", "reward_server"}
 LAYER_3 = {"cli", "__main__"}
 
 ALLOWED = {

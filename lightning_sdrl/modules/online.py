@@ -227,8 +227,8 @@ class OnlineRLModule(GenerationModule, abc.ABC):
         self.write_trained()
 
     def on_exception(self, exception: BaseException) -> None:
-        """Drop the background reward work still queued when the run fails."""
-        self._stop_reward_worker()
+        """Drop the background reward work still queued when the run fails (without waiting for it)."""
+        self._stop_reward_worker(wait=False)
 
     @torch.no_grad()
     def score(self, trajectory: Rollouts) -> Tensor | Future[Tensor]:
@@ -269,9 +269,9 @@ class OnlineRLModule(GenerationModule, abc.ABC):
             rewards = rewards.unflatten(0, (world, -1))[rank]
         return rewards.to(self.device, torch.float32)
 
-    def _stop_reward_worker(self) -> None:
+    def _stop_reward_worker(self, wait: bool = True) -> None:
         if self._reward_worker is not None:
-            self._reward_worker.shutdown(wait=True, cancel_futures=True)
+            self._reward_worker.shutdown(wait=wait, cancel_futures=True)
             self._reward_worker = None
 
     # ------------------------------------------------------------------ the policy update
