@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sdrl.frozen import FrozenModule
-from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_images, check_prompted_images, score_finite_images
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
 __all__ = ["AestheticMLP", "AestheticReward", "CLIPScoreReward", "load_aesthetic_head"]
@@ -190,9 +190,7 @@ class CLIPScoreReward(RewardModule):
             prompts: The ``B`` prompts the images were generated from.
             **metadata: Ignored.
         """
-        finite = check_images(images, type(self).__name__)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
+        finite = check_prompted_images(images, prompts, type(self).__name__)
 
         def clip_score(images: Tensor) -> Tensor:
             image_embeds, text_embeds = self.embedder(images, prompts)

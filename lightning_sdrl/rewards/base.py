@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -77,6 +77,21 @@ def check_images(images: Any, name: str = "reward") -> Tensor:
                 "e.g. (x + 1) / 2 for images in [-1, 1] or x / 255 for 0-255 values (x.clamp(0, 1) if they "
                 "only overshoot slightly)"
             )
+    return finite
+
+
+def check_prompted_images(images: Any, prompts: Sequence[str], name: str = "reward") -> Tensor:
+    """:func:`check_images`, and one prompt per image; returns the mask of the finite images.
+
+    Example:
+        >>> check_prompted_images(torch.zeros(3, 3, 2, 2), ["a", "b"], "PickScoreReward")
+        Traceback (most recent call last):
+        ...
+        ValueError: PickScoreReward got 3 images but 2 prompts; expected one prompt per image
+    """
+    finite = check_images(images, name)
+    if len(prompts) != len(images):
+        raise ValueError(f"{name} got {len(images)} images but {len(prompts)} prompts; expected one prompt per image")
     return finite
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sdrl.frozen import FrozenModule
-from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_prompted_images, score_finite_images
 from lightning_sdrl.rewards.reward_model import CLIPEmbedder
 
 __all__ = ["HPSv2Reward", "load_hps_state_dict", "resize_longest_side_and_pad"]
@@ -184,9 +184,7 @@ class HPSv2Reward(FrozenModule, RewardModule):
             prompts: The ``B`` prompts the images were generated from.
             **metadata: Ignored.
         """
-        finite = check_images(images, type(self).__name__)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
+        finite = check_prompted_images(images, prompts, type(self).__name__)
         text_embeds = self.embedder.encode_text(prompts)
 
         def score(images: Tensor) -> Tensor:

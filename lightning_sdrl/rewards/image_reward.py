@@ -34,7 +34,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 
 from lightning_sdrl.frozen import FrozenModule
 from lightning_sdrl.rewards.aesthetic import AestheticMLP
-from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_prompted_images, score_finite_images
 from lightning_sdrl.rewards.classifiers import resize_images
 
 __all__ = [
@@ -430,9 +430,7 @@ class ImageReward(FrozenModule, RewardModule):
             prompts: The ``B`` prompts the images were generated from.
             **metadata: Ignored.
         """
-        finite = check_images(images, type(self).__name__)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
+        finite = check_prompted_images(images, prompts, type(self).__name__)
         input_ids, attention_mask = self.tokenize(prompts)
         return score_finite_images(
             lambda images: self.score(self.preprocess(images), input_ids, attention_mask), images, finite

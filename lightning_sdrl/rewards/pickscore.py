@@ -30,7 +30,7 @@ from torch import Tensor
 from transformers import CLIPModel, CLIPProcessor
 
 from lightning_sdrl.frozen import FrozenModule
-from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_prompted_images, score_finite_images
 
 __all__ = ["PICKSCORE_MAX_LENGTH", "PickScoreReward", "pickscore", "resize_shortest_edge_and_crop"]
 
@@ -180,9 +180,7 @@ class PickScoreReward(FrozenModule, RewardModule):
             prompts: The ``B`` prompts the images were generated from.
             **metadata: Ignored.
         """
-        finite = check_images(images, type(self).__name__)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
+        finite = check_prompted_images(images, prompts, type(self).__name__)
         text_embeds = self.encode_text(prompts)
 
         def score(images: Tensor) -> Tensor:

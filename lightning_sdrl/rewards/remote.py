@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_prompted_images, score_finite_images
 from lightning_sdrl.rewards.http import decode_json, post
 from lightning_sdrl.rewards.wire import CONTENT_TYPE, decode_rewards, encode_request
 
@@ -110,9 +110,7 @@ class RemoteReward(RewardModule):
             RemoteRewardError: If the server cannot be reached after the retries, refuses the request,
                 or answers something other than ``B`` rewards.
         """
-        finite = check_images(images, type(self).__name__)
-        if len(prompts) != len(images):
-            raise ValueError(f"{type(self).__name__} got {len(prompts)} prompts for {len(images)} images")
+        finite = check_prompted_images(images, prompts, type(self).__name__)
         # score_finite_images sends a batch-level reward only the finite images, a per-image reward
         # the whole batch with black images in place of the non-finite ones
         kept = [p for p, keep in zip(prompts, finite.tolist(), strict=True) if keep or not self.batch_level]

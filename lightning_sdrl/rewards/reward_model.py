@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_sdrl.frozen import FrozenModule
-from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_prompted_images, score_finite_images
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "head.safetensors"
@@ -321,9 +321,7 @@ class LearnedPreferenceReward(FrozenModule, RewardModule):
             Standardised rewards ``[B]``, differentiable with respect to ``images``; NaN for a
             non-finite image.
         """
-        finite = check_images(images, type(self).__name__)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
+        finite = check_prompted_images(images, prompts, type(self).__name__)
 
         def standardised_score(images: Tensor) -> Tensor:
             image_embeds, text_embeds = self.embedder(images, prompts)

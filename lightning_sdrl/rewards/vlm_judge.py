@@ -54,7 +54,7 @@ from PIL import Image
 from torch import Tensor
 
 from lightning_sdrl.functional.judge import fill_question, parse_score, yes_probability
-from lightning_sdrl.rewards.base import RewardModule, check_images, score_finite_images
+from lightning_sdrl.rewards.base import RewardModule, check_prompted_images, score_finite_images
 from lightning_sdrl.rewards.http import RemoteRewardError, post_json
 from lightning_sdrl.validation import check_positive_ints
 
@@ -338,12 +338,7 @@ class VLMJudgeReward(RewardModule):
                 something other than a chat completion (with log-probabilities in
                 ``"yes_probability"`` mode).
         """
-        finite = check_images(images, type(self).__name__)
-        if len(prompts) != len(images):
-            raise ValueError(
-                f"{type(self).__name__} got {len(prompts)} prompts for {len(images)} images; expected one prompt "
-                "per image"
-            )
+        finite = check_prompted_images(images, prompts, type(self).__name__)
         # batch_level=True only for its effect: non-finite images are left out, not sent as black stand-ins
         # (each would cost a request); the reward of an image does not depend on the others.
         if bool(finite.all()):
