@@ -59,3 +59,17 @@ def randomize_lora(module: torch.nn.Module, scale: float = 0.1) -> None:
         for name, parameter in module.named_parameters():
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Run the test with 2 torch threads (CI's 2 cores), restoring the count afterwards.
+
+    Tests that assert a measured effect of a short run on a tiny random model (the SDXL / FLUX
+    training tests) use it: another thread count sums in another order, which can change a small
+    effect (GRPO on the tiny SDXL with 1 thread: brightness 0.5072 -> 0.4984 instead of a rise).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

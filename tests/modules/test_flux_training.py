@@ -62,11 +62,16 @@ def assert_the_flux_pipeline_loads_the_trained_lora(policy, directory):
         ("awm_flux", 0.0015),  # +0.0034 / +0.0049
     ],
 )
-def test_cli_run_on_tiny_flux_raises_brightness_and_the_flux_pipeline_loads_its_lora(config, rise, tmp_path):
+def test_cli_run_on_tiny_flux_raises_brightness_and_the_flux_pipeline_loads_its_lora(
+    two_torch_threads, config, rise, tmp_path
+):
     """Every algorithm through ``python -m lightning_sdrl fit -c configs/tiny/<config>.yaml``; brightness of the
     same 64 fixed-noise SDE samples before (adapters off) and after."""
     path = str(ROOT / "configs" / "tiny" / f"{config}.yaml")
-    cli = run_cli(["fit", "-c", path, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    cli = run_cli(
+        ["fit", "-c", path, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+        + ["--cpu_threads=2"]  # the measured runs' thread count, see two_torch_threads
+    )
     policy = cli.model.policy
     before, after = fixed_noise_brightness(policy, False), fixed_noise_brightness(policy, True)
     assert after > before + rise, (before, after)

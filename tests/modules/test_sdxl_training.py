@@ -53,12 +53,15 @@ def assert_the_sdxl_pipeline_loads_the_trained_lora(policy, directory):
     ],
 )
 def test_cli_run_on_tiny_sdxl_raises_brightness_and_the_pipeline_loads_its_lora(
-    config, eta, guidance_scale, rise, tmp_path
+    two_torch_threads, config, eta, guidance_scale, rise, tmp_path
 ):
     """Every algorithm through ``python -m lightning_sdrl fit -c configs/tiny/<config>.yaml``, measured on its
     own sampler (DDPO, GRPO, ReFL: DDIM eta 1 with guidance; NFT, AWM: the ODE without) on paired noise."""
     path = str(ROOT / "configs" / "tiny" / f"{config}.yaml")
-    cli = run_cli(["fit", "-c", path, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    cli = run_cli(
+        ["fit", "-c", path, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+        + ["--cpu_threads=2"]  # the measured runs' thread count, see two_torch_threads
+    )
     policy = cli.model.policy
     before = fixed_noise_brightness(policy, False, eta, guidance_scale)
     after = fixed_noise_brightness(policy, True, eta, guidance_scale)
