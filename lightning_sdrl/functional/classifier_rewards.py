@@ -5,23 +5,30 @@ towards an under-represented class; ``R_balance`` (eq. 2-3) rewards a batch for 
 between the classes. Section V leaves two extensions open, both here: balance *per prompt*
 (:func:`grouped_balance_reward`: eq. 2-3 within each prompt's images of a batch) and balance
 *jointly over several attributes* (:func:`joint_balance_reward`: eq. 2-3 over the joint classes of
-several classifiers, e.g. gender x age).
+several classifiers, e.g. gender x age). For the joint classes, whose rarest pair eq. (3) fills
+slowly, :func:`joint_balance_reward` also offers the log ratio ``log(t_c / p_c)`` (the descent of
+``KL(p || t)``) and its expectation over each image's class probabilities
+(:func:`expected_log_ratio_reward`).
 """
 
 import math
 from collections.abc import Hashable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Shaping",
     "balance_reward",
     "check_groups",
     "classify_with_threshold",
+    "expected_log_ratio_reward",
     "group_probabilities",
     "grouped_balance_reward",
     "joint_balance_reward",
     "joint_classes",
+    "joint_probabilities",
     "joint_target",
     "shift_reward",
 ]
@@ -172,7 +179,22 @@ def balance_reward(probs: Tensor, threshold: float = 0.7, target: Tensor | None 
     return _balance_of_classes(classes, finite, shares_target).to(probs.dtype)
 
 
-def _balance_of_classes(classes: Tensor, finite: Tensor, shares_target: Tensor) -> Tensor:
+Shaping = Literal["balance", "log_ratio", "expected_log_ratio"]
+"""How :func:`joint_balance_reward` turns a batch into rewards: ``"balance"``, eq. (3)
+``(1 - p_k / t_k) / K``; ``"log_ratio"``, ``log(t_k / p_k)``; ``"expected_log_ratio"``,
+:func:`expected_log_ratio_reward`."""
+
+
+def _class_rewards(shares: Tensor, shares_target: Tensor, shaping: Shaping) -> Tensor:
+    """Reward ``r_k`` of an image of class ``k`` given the batch shares ``p`` (float64 ``[K]``)."""
+    if shaping == "balance":
+        # eq. (3) generalised: r_k = (1 - p_k / t_k) / K, which is 1/2 - p_k = +-|q - 1/2| for K = 2
+        return (1.0 - shares / shares_target) / len(shares_target)
+    # log(t_k / p_k): +inf for an absent class, which no image takes (only "None" sees the min)
+    return torch.log(shares_target) - torch.log(shares)
+
+
+def _balance_of_classes(classes: Tensor, finite: Tensor, shares_target: Tensor, shaping: Shaping = "balance") -> Tensor:
     """Steps 2-4 of :func:`balance_reward` on thresholded classes ``[B]`` (``-1``: "None"), float64.
 
     ``finite`` marks the rows that take part; the others get NaN and are not counted.
@@ -182,13 +204,15 @@ def _balance_of_classes(classes: Tensor, finite: Tensor, shares_target: Tensor) 
     if not classified.any():
         # eq. (2) with F_count + M_count = 0: q is undefined, and a batch with no classified image
         # is not balanced: the worst value, min over p of min_k r_k, reached at p_k = 1 for argmin t
-        worst = (1.0 - 1.0 / shares_target.min()) / num_classes
+        one_hot = torch.zeros_like(shares_target)
+        one_hot[shares_target.argmin()] = 1.0
+        worst = _class_rewards(one_hot, shares_target, shaping).min()
         return worst.expand(len(classes)).masked_fill(~finite, float("nan"))
     # 2. shares of the classified images, eq. (2): q = F_count / (F_count + M_count) = p_1
     counts = torch.bincount(classes[classified], minlength=num_classes).to(torch.float64)
     shares = counts / counts.sum()
-    # 3. eq. (3) generalised: r_k = (1 - p_k / t_k) / K, which is 1/2 - p_k = +-|q - 1/2| for K = 2
-    class_rewards = (1.0 - shares / shares_target) / num_classes
+    # 3. the reward of each class (eq. 3 generalised, or its shaping)
+    class_rewards = _class_rewards(shares, shares_target, shaping)
     # 4. "None" never equals the indicator: it gets the reward of the most over-represented class
     none_reward = class_rewards.min()
     rewards = torch.where(classified, class_rewards[classes.clamp(min=0)], none_reward)
@@ -208,11 +232,17 @@ def _rows_by_key(keys: Sequence[Hashable] | None, batch_size: int, device: torch
     return [torch.tensor(indices, device=device) for indices in rows.values()]
 
 
-def _balance_by_key(classes: Tensor, finite: Tensor, shares_target: Tensor, keys: Sequence[Hashable] | None) -> Tensor:
+def _balance_by_key(
+    classes: Tensor,
+    finite: Tensor,
+    shares_target: Tensor,
+    keys: Sequence[Hashable] | None,
+    shaping: Shaping = "balance",
+) -> Tensor:
     """:func:`_balance_of_classes` within each key's rows, float64 ``[B]``."""
     rewards = torch.empty(len(classes), dtype=torch.float64, device=classes.device)
     for rows in _rows_by_key(keys, len(classes), classes.device):
-        rewards[rows] = _balance_of_classes(classes[rows], finite[rows], shares_target)
+        rewards[rows] = _balance_of_classes(classes[rows], finite[rows], shares_target, shaping)
     return rewards
 
 
@@ -345,6 +375,7 @@ def joint_balance_reward(
     threshold: float = 0.7,
     target: Tensor | None = None,
     keys: Sequence[Hashable] | None = None,
+    shaping: Shaping = "balance",
 ) -> Tensor:
     """``R_balance`` of eq. (2)-(3) over the joint classes of several attributes.
 
@@ -362,11 +393,28 @@ def joint_balance_reward(
     balance of the pairs. A row with a non-finite probability in any attribute gets NaN and is
     not counted.
 
+    ``shaping="log_ratio"`` replaces the class reward by the log ratio of target to share::
+
+        r_i = log(t_{c(i)} / p_{c(i)})                       (c(i) != None)
+        r_i = min_c log(t_c / p_c)                           (c(i) = None; over the present classes)
+
+    (``log(min_c t_c)`` for every image of a batch with no classified image). Why: with the
+    shares held fixed, the policy gradient of a per-image reward ``r_c`` is
+    ``sum_c r_c grad p_c``; for eq. (3) that is ``-grad chi2(p || t) / (2K)``, whose pull on a
+    class is bounded (``|d chi2 / d p_c| <= 2 / t_c``), while for ``log(t_c / p_c)`` it is
+    ``-grad KL(p || t)`` (``sum_c grad p_c = 0`` removes the ``+1`` of ``d KL / d p_c =
+    log(p_c / t_c) + 1``), which grows without bound as a class empties: a rare joint class is
+    pulled back much harder than by eq. (3). Near ``p = t`` both agree up to the factor ``K``
+    (``log(t_c / p_c) ~ 1 - p_c / t_c``), so the updates still fade at balance.
+
     Args:
         probs: ``A >= 1`` tensors ``[B, K_a]`` of class probabilities, one per attribute.
         threshold: Confidence level of every attribute (0.7 in the paper).
         target: ``[prod_a K_a]`` joint target shares, positive and summing to 1; ``None`` for uniform.
         keys: ``B`` group keys (e.g. prompts) to balance each group on its own; ``None``: the batch.
+        shaping: ``"balance"`` (eq. 3), ``"log_ratio"`` (``log(t_c / p_c)``, the descent of
+            ``KL(p || t)``) or ``"expected_log_ratio"`` (its expectation over each image's
+            classes, :func:`expected_log_ratio_reward`).
 
     Returns:
         ``[B]`` rewards in the first attribute's dtype.
@@ -379,6 +427,9 @@ def joint_balance_reward(
         >>> thickness = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
         >>> joint_balance_reward([digit, thickness])  # each marginal 50/50, the pairs (0,0) (1,1) only
         tensor([-0.2500, -0.2500, -0.2500, -0.2500])
+        >>> thickness = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.1, 0.9]])
+        >>> joint_balance_reward([digit, thickness], shaping="log_ratio")  # p = (1/2, 0, 1/4, 1/4)
+        tensor([-0.6931, -0.6931,  0.0000,  0.0000])
     """
     probs = _check_attribute_probs(probs)
     num_classes = [attribute.shape[1] for attribute in probs]
@@ -388,8 +439,12 @@ def joint_balance_reward(
     else:
         shares_target = _target_distribution(target, math.prod(num_classes), device)
     finite = torch.stack([torch.isfinite(attribute).all(dim=1) for attribute in probs]).all(dim=0)
+    if shaping not in ("balance", "log_ratio", "expected_log_ratio"):
+        raise ValueError(f"shaping={shaping!r}; expected 'balance' (eq. 3), 'log_ratio' or 'expected_log_ratio'")
+    if shaping == "expected_log_ratio":
+        return expected_log_ratio_reward(probs, threshold, shares_target, keys)
     classes = joint_classes(probs, threshold)
-    return _balance_by_key(classes, finite, shares_target, keys).to(probs[0].dtype)
+    return _balance_by_key(classes, finite, shares_target, keys, shaping).to(probs[0].dtype)
 
 
 def check_groups(groups: Sequence[Sequence[int]], num_classes: int | None) -> list[list[int]]:
@@ -446,3 +501,81 @@ def group_probabilities(probs: Tensor, groups: Sequence[Sequence[int]] | None) -
     for column, group in enumerate(groups):
         membership[group, column] = 1.0
     return probs @ membership
+
+
+def joint_probabilities(probs: Sequence[Tensor]) -> Tensor:
+    """Probability of each joint class, the product of the attributes' probabilities, ``[B, prod_a K_a]``.
+
+    ``P_i(c) = prod_a P^a_i(c_a)`` for the joint class ``c`` of :func:`joint_classes` (row-major,
+    first attribute slowest): the attribute classifiers are separate models, so their outputs are
+    combined as independent.
+
+    Example:
+        >>> joint_probabilities([torch.tensor([[0.9, 0.1]]), torch.tensor([[0.2, 0.8]])])
+        tensor([[0.1800, 0.7200, 0.0200, 0.0800]])
+    """
+    probs = _check_attribute_probs(probs)
+    joint = probs[0]
+    for attribute in probs[1:]:
+        joint = (joint[:, :, None] * attribute[:, None, :]).flatten(1)
+    return joint
+
+
+def expected_log_ratio_reward(
+    probs: Sequence[Tensor],
+    threshold: float = 0.7,
+    target: Tensor | None = None,
+    keys: Sequence[Hashable] | None = None,
+) -> Tensor:
+    """The class reward ``log(t_c / p_c)`` of the thresholded shares, in expectation over each image's classes.
+
+    The shares are those of ``"log_ratio"`` (:func:`joint_balance_reward`): ``p_c = n_c / n``
+    over the ``n`` images of the batch (of a key's group) whose joint class :func:`joint_classes`
+    reaches ``threshold``, floored at ``1 / n`` so that a class absent from the batch is counted as
+    one image. Each image is rewarded with the expectation of the class reward under its joint
+    class probabilities ``P_i(c)`` (:func:`joint_probabilities`)::
+
+        r_i = sum_c P_i(c) log(t_c / max(p_c, 1 / n))
+
+    A confidently classified image (``P_i(c(i)) ~ 1``) gets ``log(t_c / p_c)`` of its class, as
+    with ``"log_ratio"``; an unsure one ("None" there, rewarded like the most over-represented
+    class) gets the mixture of its candidate classes' rewards, so a bold loop digit growing thinner
+    is rewarded for every step towards the missing thin loop digits instead of meeting a flat
+    "None" value on the way. The fixed point is unchanged: at ``p = t`` every class reward, so every
+    image's reward, is 0. A batch with no classified image gets ``log(min_c t_c)`` everywhere; a row
+    with a non-finite probability gets NaN and is not counted.
+
+    Args:
+        probs: ``A >= 1`` tensors ``[B, K_a]`` of class probabilities, one per attribute.
+        threshold: Confidence level of every attribute (0.7 in the paper).
+        target: ``[prod_a K_a]`` joint target shares, positive and summing to 1; ``None`` for uniform.
+        keys: ``B`` group keys (e.g. prompts) to balance each group on its own; ``None``: the batch.
+
+    Returns:
+        ``[B]`` rewards in the first attribute's dtype.
+
+    Raises:
+        ValueError: If an input is malformed.
+
+    Example:
+        >>> digit = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.4, 0.6]])
+        >>> expected_log_ratio_reward([digit])  # p = (3/4, 1/4); the unsure image leans to class 1
+        tensor([-0.2956, -0.2956, -0.2956,  0.5833,  0.2537])
+    """
+    joint = joint_probabilities(probs)
+    shares_target = _target_distribution(target, joint.shape[1], joint.device)
+    finite = torch.isfinite(joint).all(dim=1)
+    classes = joint_classes(probs, threshold)
+    rewards = torch.full((len(joint),), float("nan"), dtype=torch.float64, device=joint.device)
+    for rows in _rows_by_key(keys, len(joint), joint.device):
+        rows = rows[finite[rows]]
+        classified = classes[rows][classes[rows] != _NONE]
+        if len(classified) == 0:
+            rewards[rows] = shares_target.min().log()
+            continue
+        # 1. thresholded shares p_c of the classified images (eq. 2), an absent class counted as one
+        counts = torch.bincount(classified, minlength=joint.shape[1]).to(torch.float64)
+        shares = counts.clamp(min=1.0) / len(classified)
+        # 2. the class rewards log(t_c / p_c), 3. their expectation under each image's P_i(c)
+        rewards[rows] = joint[rows].to(torch.float64) @ (shares_target.log() - shares.log())
+    return rewards.to(joint.dtype)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lightning_sdrl.frozen import FrozenModule
 from lightning_sdrl.functional.classifier_rewards import (
+    Shaping,
     balance_reward,
     check_groups,
     classify_with_threshold,
@@ -363,6 +364,13 @@ class JointBalanceReward(FrozenModule, RewardModule):
         target_distribution: The joint target over the joint classes in row-major order (the
             first attribute varies slowest), positive and summing to 1.
         per_prompt: Balance each prompt's images on their own instead of the whole batch.
+        shaping: How a batch becomes rewards
+            (:func:`~lightning_sdrl.functional.classifier_rewards.joint_balance_reward`): a joint
+            class with batch share ``p_c`` and target ``t_c`` gets ``"balance"``, eq. (3)
+            ``(1 - p_c / t_c) / K``, or ``"log_ratio"``, ``log(t_c / p_c)`` (the policy gradient
+            descends ``KL(p || t)``); ``"expected_log_ratio"`` gives each image the expectation of
+            ``log(t_c / p_c)`` under its joint class probabilities, so an unsure image is rewarded
+            for leaning towards a missing class instead of getting the "None" value.
 
     Raises:
         ValueError: If an argument is out of range or does not match the classifiers.
@@ -378,8 +386,12 @@ class JointBalanceReward(FrozenModule, RewardModule):
         marginals: list[list[float] | None] | None = None,
         target_distribution: list[float] | None = None,
         per_prompt: bool = False,
+        shaping: Shaping = "balance",
     ) -> None:
         super().__init__()
+        if shaping not in ("balance", "log_ratio", "expected_log_ratio"):
+            raise ValueError(f"shaping={shaping!r}; expected 'balance' (eq. 3), 'log_ratio' or 'expected_log_ratio'")
+        self.shaping = shaping
         if not classifiers:
             raise ValueError("classifiers is empty; expected one classifier per attribute, e.g. [digits, thickness]")
         groups = [None] * len(classifiers) if groups is None else list(groups)
@@ -451,4 +463,6 @@ class JointBalanceReward(FrozenModule, RewardModule):
 
     def _balance(self, images: Tensor, prompts: list[str]) -> Tensor:
         keys = prompts if self.per_prompt else None
-        return joint_balance_reward(self.attribute_probs_list(images), self.threshold, self.target_distribution, keys)
+        return joint_balance_reward(
+            self.attribute_probs_list(images), self.threshold, self.target_distribution, keys, self.shaping
+        )

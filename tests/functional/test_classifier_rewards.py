@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -6,9 +7,11 @@ import torch
 from lightning_sdrl.functional.classifier_rewards import (
     balance_reward,
     classify_with_threshold,
+    expected_log_ratio_reward,
     grouped_balance_reward,
     joint_balance_reward,
     joint_classes,
+    joint_probabilities,
     joint_target,
     shift_reward,
 )
@@ -312,3 +315,116 @@ def test_joint_balance_rejects_bad_inputs():
         joint_balance_reward([torch.rand(4, 2), torch.rand(3, 2)])
     with pytest.raises(ValueError, match="expected \\[4\\]"):
         joint_balance_reward([torch.rand(4, 2), torch.rand(4, 2)], target=torch.ones(3) / 3)
+
+
+def log_ratio_by_hand(labels: list, num_classes: int, target: list[float]) -> list[float]:
+    """``log(t_c / p_c)`` with Python counts; "None" gets the smallest over the present classes."""
+    classified = [c for c in labels if c is not None]
+    if not classified:
+        return [math.log(min(target))] * len(labels)
+    per_class = {k: math.log(target[k] * len(classified) / classified.count(k)) for k in set(classified)}
+    return [per_class[c] if c is not None else min(per_class.values()) for c in labels]
+
+
+@pytest.mark.parametrize("marginals", [None, [[0.4, 0.6], [0.2, 0.3, 0.5]]])
+@pytest.mark.parametrize("per_key", [False, True])
+def test_joint_log_ratio_matches_an_independent_computation(marginals, per_key):
+    generator = torch.Generator().manual_seed(5)
+    first = torch.softmax(3 * torch.randn(60, 2, generator=generator), dim=1).double()
+    second = torch.softmax(3 * torch.randn(60, 3, generator=generator), dim=1).double()
+    keys = [i % 3 for i in range(60)] if per_key else None
+    target = None if marginals is None else joint_target(marginals, [2, 3])
+    rewards = joint_balance_reward([first, second], 0.7, target, keys, shaping="log_ratio")
+    pairs = [(a, b) for a in range(2) for b in range(3)]
+    joint = [1 / 6] * 6 if marginals is None else [marginals[0][a] * marginals[1][b] for a, b in pairs]
+    labels = []
+    for row_first, row_second in zip(first.tolist(), second.tolist(), strict=True):
+        a, b = threshold_by_hand(row_first), threshold_by_hand(row_second)
+        labels.append(None if a is None or b is None else pairs.index((a, b)))
+    assert any(label is None for label in labels)
+    groups = [list(range(60))] if keys is None else [[i for i in range(60) if keys[i] == k] for k in range(3)]
+    for rows in groups:
+        expected = log_ratio_by_hand([labels[i] for i in rows], 6, joint)
+        torch.testing.assert_close(rewards[rows], torch.tensor(expected, dtype=torch.float64))
+    # no classified image: every image gets the log of the smallest target share
+    unsure = [torch.full((3, 2), 1 / 2, dtype=torch.float64), torch.full((3, 3), 1 / 3, dtype=torch.float64)]
+    expected = torch.full((3,), math.log(min(joint)), dtype=torch.float64)
+    torch.testing.assert_close(joint_balance_reward(unsure, 0.7, target, shaping="log_ratio"), expected)
+
+
+def test_joint_log_ratio_policy_gradient_descends_kl():
+    """``sum_c r_c grad p_c`` (``r`` at fixed shares) is ``-grad KL(p || t)``; for eq. (3) ``-grad chi2 / (2K)``."""
+    counts = [4, 2, 1, 1]  # joint classes (0,0) (0,1) (1,0) (1,1) of 8 images
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    digit = torch.tensor([[0.9, 0.1] if c < 2 else [0.1, 0.9] for c in labels], dtype=torch.float64)
+    thickness = torch.tensor([[0.9, 0.1] if c % 2 == 0 else [0.1, 0.9] for c in labels], dtype=torch.float64)
+    first_of_class = [labels.index(c) for c in range(4)]
+    target = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    logits = torch.log(torch.tensor(counts, dtype=torch.float64) / 8).requires_grad_(True)
+    shares = torch.softmax(logits, dim=0)
+    kl = (shares * (shares / target).log()).sum()
+    chi2 = ((shares - target) ** 2 / target).sum()
+    (grad_kl,) = torch.autograd.grad(kl, logits, retain_graph=True)
+    (grad_chi2,) = torch.autograd.grad(chi2, logits, retain_graph=True)
+    for shaping, expected in (("log_ratio", -grad_kl), ("balance", -grad_chi2 / 8)):
+        rewards = joint_balance_reward([digit, thickness], target=target, shaping=shaping)[first_of_class]
+        (policy_gradient,) = torch.autograd.grad(shares, logits, grad_outputs=rewards, retain_graph=True)
+        torch.testing.assert_close(policy_gradient, expected)
+
+
+def test_joint_balance_rejects_an_unknown_shaping():
+    with pytest.raises(ValueError, match="shaping='ratio'"):
+        joint_balance_reward([torch.rand(4, 2)], shaping="ratio")
+
+
+def test_joint_probabilities_are_the_products_in_row_major_order():
+    generator = torch.Generator().manual_seed(2)
+    first, second = torch.rand(5, 2, generator=generator), torch.rand(5, 3, generator=generator)
+    expected = torch.stack([first[:, a] * second[:, b] for a in range(2) for b in range(3)], dim=1)
+    torch.testing.assert_close(joint_probabilities([first, second]), expected)
+
+
+@pytest.mark.parametrize("marginals", [None, [[0.4, 0.6], [0.2, 0.3, 0.5]]])
+@pytest.mark.parametrize("per_key", [False, True])
+def test_expected_log_ratio_matches_an_independent_computation(marginals, per_key):
+    generator = torch.Generator().manual_seed(7)
+    first = torch.softmax(3 * torch.randn(60, 2, generator=generator), dim=1).double()
+    second = torch.softmax(3 * torch.randn(60, 3, generator=generator), dim=1).double()
+    keys = [i % 3 for i in range(60)] if per_key else None
+    target = None if marginals is None else joint_target(marginals, [2, 3])
+    rewards = expected_log_ratio_reward([first, second], 0.7, target, keys)
+    torch.testing.assert_close(
+        joint_balance_reward([first, second], 0.7, target, keys, shaping="expected_log_ratio"), rewards
+    )
+    pairs = [(a, b) for a in range(2) for b in range(3)]
+    joint = [1 / 6] * 6 if marginals is None else [marginals[0][a] * marginals[1][b] for a, b in pairs]
+    rows_first, rows_second = first.tolist(), second.tolist()
+    labels = []
+    for row_first, row_second in zip(rows_first, rows_second, strict=True):
+        a, b = threshold_by_hand(row_first), threshold_by_hand(row_second)
+        labels.append(None if a is None or b is None else pairs.index((a, b)))
+    groups = [list(range(60))] if keys is None else [[i for i in range(60) if keys[i] == k] for k in range(3)]
+    for rows in groups:
+        classified = [labels[i] for i in rows if labels[i] is not None]
+        shares = [max(classified.count(c), 1) / len(classified) for c in range(6)]
+        expected = [
+            sum(rows_first[i][a] * rows_second[i][b] * math.log(joint[c] / shares[c]) for c, (a, b) in enumerate(pairs))
+            for i in rows
+        ]
+        torch.testing.assert_close(rewards[rows], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_expected_log_ratio_is_the_log_ratio_for_certain_images_and_rewards_partial_progress():
+    one_hot = torch.eye(2, dtype=torch.float64)[[0, 0, 0, 1, 1, 0, 1, 0]]
+    thickness = torch.eye(2, dtype=torch.float64)[[0, 1, 0, 1, 0, 0, 1, 1]]
+    torch.testing.assert_close(
+        expected_log_ratio_reward([one_hot, thickness]), joint_balance_reward([one_hot, thickness], shaping="log_ratio")
+    )
+    # an over-represented class 0 and a missing class 1: the nearer an unsure image is to 1, the more it gets
+    digit = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.5, 0.5]], dtype=torch.float64)
+    rewards = expected_log_ratio_reward([digit])
+    assert rewards[0] < rewards[2] < rewards[3]
+    # p = (1, 0) floored to (1, 1/2): r_0 = log(1/2), r_1 = log(1) = 0
+    assert rewards[0].item() == pytest.approx(0.9 * math.log(0.5))
+    unsure = torch.full((3, 2), 0.5, dtype=torch.float64)  # nothing classified: log(min_c t_c)
+    assert expected_log_ratio_reward([unsure]).tolist() == pytest.approx([math.log(0.5)] * 3)

@@ -8,6 +8,7 @@ from lightning_sdrl.digits.classifier import DigitsClassifier
 from lightning_sdrl.digits.data import digits_split
 from lightning_sdrl.functional.classifier_rewards import (
     balance_reward,
+    expected_log_ratio_reward,
     grouped_balance_reward,
     joint_balance_reward,
     shift_reward,
@@ -268,7 +269,25 @@ def test_joint_balance_reward_equals_the_functional_value_over_grouped_classifie
     torch.testing.assert_close(per_prompt(images, prompts), expected)
 
 
+def test_joint_balance_reward_shapings_equal_the_functional_values():
+    images = _shaded([0.1, 0.9, 0.9, 0.9, 0.9, 0.9])  # not balanced: the two shapings differ
+    reward = JointBalanceReward([FixedClassifier(), MeanPixelClassifier()], groups=[[[0], [1, 2]], None])
+    assert reward.shaping == "balance"
+    shaped = JointBalanceReward(
+        [FixedClassifier(), MeanPixelClassifier()], groups=[[[0], [1, 2]], None], shaping="log_ratio"
+    )
+    probs = [group_probabilities(PROBS, [[0], [1, 2]]), MeanPixelClassifier()(images)]
+    torch.testing.assert_close(shaped(images, ["p"] * 6), joint_balance_reward(probs, shaping="log_ratio"))
+    assert not torch.allclose(shaped(images, ["p"] * 6), reward(images, ["p"] * 6))
+    expected = JointBalanceReward(
+        [FixedClassifier(), MeanPixelClassifier()], groups=[[[0], [1, 2]], None], shaping="expected_log_ratio"
+    )
+    torch.testing.assert_close(expected(images, ["p"] * 6), expected_log_ratio_reward(probs))
+
+
 def test_joint_balance_reward_argument_errors():
+    with pytest.raises(ValueError, match="shaping='chi2'"):
+        JointBalanceReward([MeanPixelClassifier()], shaping="chi2")
     with pytest.raises(ValueError, match="classifiers is empty"):
         JointBalanceReward([])
     with pytest.raises(ValueError, match="1 groups for 2 classifiers"):
