@@ -13,7 +13,7 @@ slowly, :func:`joint_balance_reward` also offers the log ratio ``log(t_c / p_c)`
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ __all__ = [
     "Shaping",
     "balance_reward",
     "check_groups",
+    "check_shaping",
     "classify_with_threshold",
     "expected_log_ratio_reward",
     "group_probabilities",
@@ -183,6 +184,19 @@ Shaping = Literal["balance", "log_ratio", "expected_log_ratio"]
 """How :func:`joint_balance_reward` turns a batch into rewards: ``"balance"``, eq. (3)
 ``(1 - p_k / t_k) / K``; ``"log_ratio"``, ``log(t_k / p_k)``; ``"expected_log_ratio"``,
 :func:`expected_log_ratio_reward`."""
+
+
+def check_shaping(shaping: str) -> None:
+    """Raise a clear error unless ``shaping`` is one of :data:`Shaping`.
+
+    Example:
+        >>> check_shaping("kl")
+        Traceback (most recent call last):
+        ...
+        ValueError: shaping='kl'; expected 'balance' (eq. 3), 'log_ratio' or 'expected_log_ratio'
+    """
+    if shaping not in get_args(Shaping):
+        raise ValueError(f"shaping={shaping!r}; expected 'balance' (eq. 3), 'log_ratio' or 'expected_log_ratio'")
 
 
 def _class_rewards(shares: Tensor, shares_target: Tensor, shaping: Shaping) -> Tensor:
@@ -439,8 +453,7 @@ def joint_balance_reward(
     else:
         shares_target = _target_distribution(target, math.prod(num_classes), device)
     finite = torch.stack([torch.isfinite(attribute).all(dim=1) for attribute in probs]).all(dim=0)
-    if shaping not in ("balance", "log_ratio", "expected_log_ratio"):
-        raise ValueError(f"shaping={shaping!r}; expected 'balance' (eq. 3), 'log_ratio' or 'expected_log_ratio'")
+    check_shaping(shaping)
     if shaping == "expected_log_ratio":
         return expected_log_ratio_reward(probs, threshold, shares_target, keys)
     classes = joint_classes(probs, threshold)

@@ -31,6 +31,7 @@ from lightning_sdrl.functional.classifier_rewards import (
     Shaping,
     balance_reward,
     check_groups,
+    check_shaping,
     classify_with_threshold,
     group_probabilities,
     grouped_balance_reward,
@@ -389,8 +390,7 @@ class JointBalanceReward(FrozenModule, RewardModule):
         shaping: Shaping = "balance",
     ) -> None:
         super().__init__()
-        if shaping not in ("balance", "log_ratio", "expected_log_ratio"):
-            raise ValueError(f"shaping={shaping!r}; expected 'balance' (eq. 3), 'log_ratio' or 'expected_log_ratio'")
+        check_shaping(shaping)
         self.shaping = shaping
         if not classifiers:
             raise ValueError("classifiers is empty; expected one classifier per attribute, e.g. [digits, thickness]")
