@@ -56,10 +56,10 @@ class AttributeTracker(pl.Callback):
         per_prompt: also record the shares of each prompt's images of the epoch
             (``prompt_shares``, by prompt) and, with ``eval_samples``, of ``eval_samples``
             fixed-noise images of every prompt of the data (``prompt_eval_shares``); each prompt's
-            columns are its own (``BalanceReward(prompt_groups=...)``). ``attributes_per_prompt.png``
-            then shows one curve per prompt: the share of its last column among classified images
-            (``q`` of eq. 2 for two columns) and its KL divergence to the target, with the mean and
-            the worst prompt.
+            columns are its own (``prompt_groups`` of ``BalanceReward`` or ``JointBalanceReward``).
+            ``attributes_per_prompt.png`` then shows one curve per prompt: the share of its last
+            column among classified images (``q`` of eq. 2 for two columns) and its KL divergence
+            to the target, with the mean and the worst prompt.
     """
 
     def __init__(
@@ -120,12 +120,13 @@ class AttributeTracker(pl.Callback):
 
         ``-1`` is "None", ``-2`` an image with a non-finite probability. A
         :class:`~lightning_sdrl.rewards.attribute.JointBalanceReward` (and no classifier of our
-        own) gives the joint classes of its attributes, "None" if any is unsure.
+        own) gives the joint classes of its attributes, "None" if any is unsure (each image's
+        columns its prompt's, with the reward's ``prompt_groups``).
         """
         reward = pl_module.reward
         if self.classifier is None and isinstance(reward, JointBalanceReward):
             with torch.no_grad():
-                probs = reward.attribute_probs_list(images)
+                probs = reward.attribute_probs_list(images, prompts if reward.prompt_groups else None)
             finite = torch.stack([torch.isfinite(p).all(dim=1) for p in probs]).all(dim=0)
             classes, num_columns = joint_classes(probs, self.threshold), math.prod(p.shape[1] for p in probs)
         else:

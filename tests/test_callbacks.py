@@ -145,3 +145,53 @@ def test_attribute_tracker_per_prompt_records_each_prompt_with_its_own_columns(t
     # the per-prompt KL of the plot: over the classified images, "None" left out
     assert prompt_kl({"2": 0.5, "4": 0.1, "None": 0.4}) == pytest.approx(entropy([5, 1], [1, 1]))
     assert prompt_kl({"2": 0.5, "4": 0.1, "None": 0.4}, [0.3, 0.7]) == pytest.approx(entropy([5, 1], [3, 7]))
+
+
+def test_attribute_tracker_per_prompt_names_each_prompt_s_joint_classes(tmp_path):
+    import torch
+
+    from lightning_sdrl.digits.thickness import StrokeThicknessClassifier
+    from lightning_sdrl.rewards.attribute import JointBalanceReward
+
+    prompts = ["a digit with a loop", "an even digit"]
+    groups = {prompts[0]: [[0], [6, 8, 9]], prompts[1]: [[2], [4]]}
+    reward = JointBalanceReward(
+        [DigitsClassifier(), StrokeThicknessClassifier()],
+        threshold=0.3,
+        groups=[groups[prompts[0]], None],
+        per_prompt=True,
+        prompt_groups={prompts[1]: [groups[prompts[1]], None]},
+    )
+    module = DDPOModule(
+        RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
+        reward,
+        num_steps=2,
+        guidance_scale=1.0,
+        train_batch_size=4,
+        advantages=PerPromptAdvantages(min_count=4),
+        sample_grid_every_n_epochs=0,
+        save_trained_on_end=False,
+    )
+    tracker = AttributeTracker(num_grid_images=4, summary_samples=4, threshold=0.3, per_prompt=True)
+    trainer = tiny_trainer(tmp_path, epochs=1, callbacks=[tracker])
+    trainer.fit(module, SamplingDataModule(prompts=prompts, batch_size=8, num_batches_per_epoch=1, group_size=4))
+    record = tracker.history[-1]
+    digits = {prompts[0]: ["0", "6+8+9"], prompts[1]: ["2", "4"]}
+
+    def shares_by_hand(images, groups):
+        digit, thickness = DigitsClassifier()(images), StrokeThicknessClassifier()(images)
+        counts = [0] * 5
+        for row, thick in zip(digit.tolist(), thickness.tolist(), strict=True):
+            columns = [sum(row[c] for c in group) for group in groups]
+            i, j = max(range(2), key=columns.__getitem__), max(range(2), key=thick.__getitem__)
+            counts[2 * i + j if columns[i] >= 0.3 and thick[j] >= 0.3 else -1] += 1
+        return [c / len(images) for c in counts]
+
+    update = module.last_update
+    for prompt in prompts:
+        names = [f"{digit} & {thickness}" for digit in digits[prompt] for thickness in ("thin", "bold")]
+        assert list(record["prompt_shares"][prompt]) == [*names, "None"]
+        rows = [i for i, p in enumerate(update.prompts) if p == prompt]
+        expected = shares_by_hand(update.images[rows], groups[prompt])
+        assert list(record["prompt_shares"][prompt].values()) == pytest.approx(expected)
+    assert torch.isfinite(update.rewards).all()

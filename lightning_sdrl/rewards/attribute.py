@@ -11,7 +11,8 @@ reward); for a gender classifier ``[[0], [1]]`` keeps its two classes.
   (with ``per_prompt=True``: each prompt's images for their own balance, each prompt with its own
   groups if ``prompt_groups`` says so);
 * :class:`JointBalanceReward`: ``R_balance`` over the joint classes of several classifiers
-  (e.g. gender x age, digit x stroke thickness);
+  (e.g. gender x age, digit x stroke thickness; per prompt, each prompt with its own groups if
+  ``prompt_groups`` says so);
 * :func:`attribute_shares`: shares of each column and of "None" in a batch, to print per epoch.
 
 The math is :mod:`lightning_sdrl.functional.classifier_rewards`; these modules only classify.
@@ -372,9 +373,25 @@ class JointBalanceReward(FrozenModule, RewardModule):
             descends ``KL(p || t)``); ``"expected_log_ratio"`` gives each image the expectation of
             ``log(t_c / p_c)`` under its joint class probabilities, so an unsure image is rewarded
             for leaning towards a missing class instead of getting the "None" value.
+        prompt_groups: Groups of particular prompts, one entry per classifier: that classifier's
+            groups for the prompt's images, or ``None`` to keep its ``groups[a]``
+            (``{"an even digit": [[[2], [4]], None]}`` with ``[digits, thickness]``: two vs four x
+            thin vs bold). Other prompts use ``groups``. Every prompt must have the same number of
+            columns per classifier. As for :class:`BalanceReward`, the prompts then pick each
+            image's columns; ``per_prompt`` still decides whether each prompt is balanced on its own.
 
     Raises:
         ValueError: If an argument is out of range or does not match the classifiers.
+
+    Example:
+        >>> class Judge(nn.Module):  # column 1 is the mean pixel
+        ...     labels = ["dark", "light"]
+        ...     def forward(self, images):
+        ...         p = images.mean(dim=(1, 2, 3))
+        ...         return torch.stack([1 - p, p], dim=1)
+        >>> reward = JointBalanceReward([Judge(), Judge()], per_prompt=True, prompt_groups={"b": [None, [[1], [0]]]})
+        >>> reward.prompt_attribute_names("b")
+        ['dark & light', 'dark & dark', 'light & light', 'light & dark']
     """
 
     batch_level = True
@@ -388,6 +405,7 @@ class JointBalanceReward(FrozenModule, RewardModule):
         target_distribution: list[float] | None = None,
         per_prompt: bool = False,
         shaping: Shaping = "balance",
+        prompt_groups: dict[str, list[list[list[int]] | None]] | None = None,
     ) -> None:
         super().__init__()
         check_shaping(shaping)
@@ -403,8 +421,14 @@ class JointBalanceReward(FrozenModule, RewardModule):
             raise ValueError(f"threshold={threshold}; expected a confidence level in (0, 1]")
         if marginals is not None and target_distribution is not None:
             raise ValueError("marginals and target_distribution are both set; give the joint target one way")
+        self.prompt_groups = _check_joint_prompt_groups(prompt_groups, len(classifiers))
         self.attributes = nn.ModuleList(
-            _AttributeReward(classifier, grouping) for classifier, grouping in zip(classifiers, groups, strict=True)
+            _AttributeReward(
+                classifier,
+                grouping,
+                {prompt: entry[a] for prompt, entry in self.prompt_groups.items() if entry[a] is not None},
+            )
+            for a, (classifier, grouping) in enumerate(zip(classifiers, groups, strict=True))
         )
         self.threshold, self.per_prompt = float(threshold), bool(per_prompt)
         sizes = [attribute.num_columns for attribute in self.attributes]
@@ -433,36 +457,92 @@ class JointBalanceReward(FrozenModule, RewardModule):
     @property
     def attribute_names(self) -> list[str] | None:
         """Name of each joint class, the attributes' column names joined by ``" & "``."""
-        names = [attribute.attribute_names for attribute in self.attributes]
-        if any(name is None for name in names):
-            return None
-        joint = [""]
-        for columns in names:
-            joint = [f"{head} & {column}" if head else column for head in joint for column in columns]
-        return joint
+        return _joint_names([attribute.attribute_names for attribute in self.attributes])
 
-    def attribute_probs_list(self, images: Tensor) -> list[Tensor]:
-        """Each attribute's probabilities ``[B, K_a]`` of images ``[B, 3, H, W]``."""
-        return [attribute.attribute_probs(images) for attribute in self.attributes]
+    def prompt_attribute_names(self, prompt: str) -> list[str] | None:
+        """Names of ``prompt``'s joint classes (each attribute's ``prompt_groups`` entry, if any)."""
+        return _joint_names([attribute.prompt_attribute_names(prompt) for attribute in self.attributes])
 
-    def attribute_classes(self, images: Tensor, threshold: float | None = None) -> Tensor:
-        """Joint class of each image ``[B]`` (``-1``: "None"), at ``threshold`` (default: the reward's)."""
-        return joint_classes(self.attribute_probs_list(images), self.threshold if threshold is None else threshold)
+    def attribute_probs_list(self, images: Tensor, prompts: Sequence[str] | None = None) -> list[Tensor]:
+        """Each attribute's probabilities ``[B, K_a]`` of images ``[B, 3, H, W]``.
+
+        Args:
+            images: The images.
+            prompts: Their prompts; needed only with ``prompt_groups`` (each image's columns are
+                then its prompt's groups).
+
+        Returns:
+            One ``[B, K_a]`` tensor per classifier.
+
+        Raises:
+            ValueError: If the reward has ``prompt_groups`` and ``prompts`` is missing.
+        """
+        if self.prompt_groups and prompts is None:
+            raise ValueError(
+                f"{type(self).__name__} has prompt_groups: pass the images' prompts to attribute_probs_list"
+            )
+        return [
+            attribute.attribute_probs(images, prompts if attribute.prompt_groups else None)
+            for attribute in self.attributes
+        ]
+
+    def attribute_classes(
+        self, images: Tensor, threshold: float | None = None, prompts: Sequence[str] | None = None
+    ) -> Tensor:
+        """Joint class of each image ``[B]`` (``-1``: "None"), at ``threshold`` (default: the reward's).
+
+        Args:
+            images: The images ``[B, 3, H, W]``.
+            threshold: Confidence level every attribute must reach; ``None``: the reward's.
+            prompts: Their prompts; needed only with ``prompt_groups``.
+
+        Returns:
+            ``[B]`` joint class indices in row-major order (the first attribute slowest), ``-1`` for "None".
+
+        Raises:
+            ValueError: If the reward has ``prompt_groups`` and ``prompts`` is missing.
+        """
+        probs = self.attribute_probs_list(images, prompts)
+        return joint_classes(probs, self.threshold if threshold is None else threshold)
 
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
         """Joint balance reward of each image given the whole batch (or its prompt's images), ``[B]``.
 
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``: all images sampled together.
-            prompts: The ``B`` prompts (used with ``per_prompt``).
+            prompts: The ``B`` prompts (used with ``per_prompt`` or ``prompt_groups``).
             **metadata: Ignored.
         """
-        if self.per_prompt:
+        if self.per_prompt or self.prompt_groups:
             prompts = _check_prompts(prompts, len(images), type(self).__name__)
         return _score_balance(images, prompts, type(self).__name__, self._balance)
 
     def _balance(self, images: Tensor, prompts: list[str]) -> Tensor:
+        probs = self.attribute_probs_list(images, prompts if self.prompt_groups else None)
         keys = prompts if self.per_prompt else None
-        return joint_balance_reward(
-            self.attribute_probs_list(images), self.threshold, self.target_distribution, keys, self.shaping
-        )
+        return joint_balance_reward(probs, self.threshold, self.target_distribution, keys, self.shaping)
+
+
+def _joint_names(names: list[list[str] | None]) -> list[str] | None:
+    """Joint class names in row-major order, the attributes' names joined by ``" & "``."""
+    if any(columns is None for columns in names):
+        return None
+    joint = [""]
+    for columns in names:
+        joint = [f"{head} & {column}" if head else column for head in joint for column in columns]
+    return joint
+
+
+def _check_joint_prompt_groups(
+    prompt_groups: dict[str, list[list[list[int]] | None]] | None, num_classifiers: int
+) -> dict[str, list[list[list[int]] | None]]:
+    """``prompt_groups`` of :class:`JointBalanceReward`, each entry checked to have one item per classifier."""
+    checked = {}
+    for prompt, entry in (prompt_groups or {}).items():
+        if not isinstance(entry, list | tuple) or len(entry) != num_classifiers:
+            raise ValueError(
+                f"prompt_groups[{prompt!r}]={entry}; expected one entry per classifier ({num_classifiers}): "
+                "that classifier's groups for the prompt, or null to keep its groups"
+            )
+        checked[str(prompt)] = list(entry)
+    return checked

@@ -298,6 +298,97 @@ def test_joint_balance_reward_argument_errors():
         JointBalanceReward([FixedClassifier(), MeanPixelClassifier()], target_distribution=[0.5, 0.5])
 
 
+JOINT_PROMPTS = ["p", "p", "p", "q", "q", "q"]
+JOINT_IMAGES = [0.1, 0.9, 0.9, 0.1, 0.9, 0.9]  # the MeanPixelClassifier's "light" probability
+
+
+def _joint_probs_by_hand():
+    """The two attributes of the joint prompt_groups tests, grouped per prompt with plain sums.
+
+    "p" (rows 0-2) keeps groups [[0], [1, 2]]: cat vs dog+fox; "q" (rows 3-5) has [[1], [0, 2]]:
+    dog vs cat+fox; the MeanPixelClassifier's two classes are kept for both.
+    """
+    p, q = PROBS[:3], PROBS[3:]
+    animal = torch.cat(
+        [torch.stack([p[:, 0], p[:, 1] + p[:, 2]], dim=1), torch.stack([q[:, 1], q[:, 0] + q[:, 2]], dim=1)]
+    )
+    light = torch.tensor(JOINT_IMAGES)
+    return animal, torch.stack([1 - light, light], dim=1)
+
+
+@pytest.mark.parametrize("shaping", ["balance", "expected_log_ratio"])
+def test_joint_prompt_groups_balance_each_prompt_over_its_own_joint_classes(shaping):
+    reward = JointBalanceReward(
+        [FixedClassifier(), MeanPixelClassifier()],
+        groups=[[[0], [1, 2]], None],
+        per_prompt=True,
+        shaping=shaping,
+        prompt_groups={"q": [[[1], [0, 2]], None]},
+    )
+    images = _shaded(JOINT_IMAGES)
+    animal, light = _joint_probs_by_hand()
+    probs = reward.attribute_probs_list(images, JOINT_PROMPTS)
+    torch.testing.assert_close(probs[0], animal)
+    torch.testing.assert_close(probs[1], light)
+    # each prompt's rewards are the functional joint balance of its own rows alone
+    expected = torch.cat(
+        [joint_balance_reward([animal[rows], light[rows]], 0.7, shaping=shaping) for rows in (slice(0, 3), slice(3, 6))]
+    )
+    torch.testing.assert_close(reward(images, JOINT_PROMPTS), expected)
+    # without per_prompt the prompts still pick the columns, and the whole batch is balanced
+    whole = JointBalanceReward(
+        [FixedClassifier(), MeanPixelClassifier()],
+        groups=[[[0], [1, 2]], None],
+        shaping=shaping,
+        prompt_groups={"q": [[[1], [0, 2]], None]},
+    )
+    torch.testing.assert_close(
+        whole(images, JOINT_PROMPTS), joint_balance_reward([animal, light], 0.7, shaping=shaping)
+    )
+    plain = JointBalanceReward(
+        [FixedClassifier(), MeanPixelClassifier()], groups=[[[0], [1, 2]], None], shaping=shaping
+    )
+    assert not torch.allclose(whole(images, JOINT_PROMPTS), plain(images, JOINT_PROMPTS))
+
+
+def test_joint_prompt_groups_name_each_prompt_s_joint_classes():
+    reward = JointBalanceReward(
+        [FixedClassifier(), MeanPixelClassifier()],
+        groups=[[[0], [1, 2]], None],
+        per_prompt=True,
+        prompt_groups={"q": [[[1], [0, 2]], None], "r": [None, [[1], [0]]]},
+    )
+    assert reward.prompt_attribute_names("q") == ["dog & dark", "dog & light", "cat+fox & dark", "cat+fox & light"]
+    assert reward.prompt_attribute_names("r") == ["cat & light", "cat & dark", "dog+fox & light", "dog+fox & dark"]
+    assert reward.prompt_attribute_names("p") == reward.attribute_names
+    assert reward.attribute_names == ["cat & dark", "cat & light", "dog+fox & dark", "dog+fox & light"]
+    # the joint classes are those of the per-prompt columns, row-major (the animal slowest)
+    classes = reward.attribute_classes(_shaded(JOINT_IMAGES), prompts=["p", "p", "p", "q", "q", "r"])
+    animal, light = _joint_probs_by_hand()
+    animal[5] = group_probabilities(PROBS[5:], [[0], [1, 2]])[0]
+    light[5] = light[5].flip(0)
+    by_hand = []
+    for a, b in zip(animal.tolist(), light.tolist(), strict=True):
+        i, j = max(range(2), key=a.__getitem__), max(range(2), key=b.__getitem__)
+        by_hand.append(2 * i + j if a[i] >= 0.7 and b[j] >= 0.7 else -1)
+    assert classes.tolist() == by_hand
+
+
+def test_joint_prompt_groups_errors_name_the_fix():
+    classifiers = [FixedClassifier(), MeanPixelClassifier()]
+    with pytest.raises(ValueError, match=r"prompt_groups\['q'\].*one entry per classifier \(2\)"):
+        JointBalanceReward(classifiers, prompt_groups={"q": [[[0], [1]]]})
+    with pytest.raises(ValueError, match="different numbers of attribute columns"):
+        JointBalanceReward(classifiers, groups=[[[0], [1]], None], prompt_groups={"q": [[[0], [1], [2]], None]})
+    reward = JointBalanceReward(classifiers, groups=[[[0], [1]], None], prompt_groups={"q": [[[2], [3]], None]})
+    with pytest.raises(ValueError, match="pass the images' prompts to attribute_probs_list"):
+        reward.attribute_probs_list(_images())
+    with pytest.raises(ValueError, match="pass the images' prompts"):
+        reward.attribute_classes(_images())
+    with pytest.raises(ValueError, match="got 3 prompts for 6 images"):  # per_prompt off: prompts pick the columns
+        reward(_images(), JOINT_PROMPTS[:3])
+
+
 def test_stroke_thickness_judge_matches_the_hidden_rule(digits):
     from lightning_sdrl.digits.preferences import stroke_thickness
     from lightning_sdrl.digits.thickness import StrokeThicknessClassifier
