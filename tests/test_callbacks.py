@@ -12,14 +12,9 @@ from lightning_sdrl.rewards.attribute import BalanceReward
 from tests.modules.test_ddpo import tiny_trainer
 
 
-def two_class_bias(shares):
-    classified = shares["0"] + shares["6+8+9"]
-    return pytest.approx(abs(shares["0"] - shares["6+8+9"]) / classified) if classified > 0 else None
-
-
-def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
-    reward = BalanceReward(DigitsClassifier(), groups=[[0], [6, 8, 9]], threshold=0.3)
-    module = DDPOModule(
+def tracker_module(reward, **kwargs):
+    """A 2-step DDPO module on the tiny pixel policy (LoRA rank 2) with ``reward``, as the tracker tests use."""
+    return DDPOModule(
         RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
         reward,
         num_steps=2,
@@ -28,7 +23,18 @@ def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
         advantages=PerPromptAdvantages(min_count=4),
         sample_grid_every_n_epochs=0,
         save_trained_on_end=False,
+        **kwargs,
     )
+
+
+def two_class_bias(shares):
+    classified = shares["0"] + shares["6+8+9"]
+    return pytest.approx(abs(shares["0"] - shares["6+8+9"]) / classified) if classified > 0 else None
+
+
+def test_attribute_tracker_prints_records_and_plots(tmp_path, capsys):
+    reward = BalanceReward(DigitsClassifier(), groups=[[0], [6, 8, 9]], threshold=0.3)
+    module = tracker_module(reward)
     tracker = AttributeTracker(num_grid_images=4)
     trainer = tiny_trainer(tmp_path, epochs=2, callbacks=[tracker])
     trainer.fit(module, SamplingDataModule(prompts=["a digit with a loop"], batch_size=4, num_batches_per_epoch=1))
@@ -57,17 +63,7 @@ def test_attribute_tracker_eval_samples_use_the_same_noise_every_epoch(tmp_path)
     with pytest.raises(ValueError, match="eval_samples=-1"):
         AttributeTracker(eval_samples=-1)
     reward = BalanceReward(DigitsClassifier(), groups=[[0], [6, 8, 9]], threshold=0.3)
-    module = DDPOModule(
-        RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
-        reward,
-        num_steps=2,
-        guidance_scale=1.0,
-        train_batch_size=4,
-        advantages=PerPromptAdvantages(min_count=4),
-        sample_grid_every_n_epochs=0,
-        save_trained_on_end=False,
-        optimizer=lambda p: torch.optim.SGD(p, lr=10.0),
-    )
+    module = tracker_module(reward, optimizer=lambda p: torch.optim.SGD(p, lr=10.0))
     tracker = AttributeTracker(num_grid_images=4, eval_samples=6, eval_seed=7, threshold=0.3)
     trainer = tiny_trainer(tmp_path, epochs=2, callbacks=[tracker])
     trainer.fit(module, SamplingDataModule(prompts=["a digit with a loop"], batch_size=4, num_batches_per_epoch=1))
@@ -99,17 +95,7 @@ def test_attribute_tracker_per_prompt_records_each_prompt_with_its_own_columns(t
     reward = BalanceReward(
         DigitsClassifier(), groups=groups[prompts[0]], threshold=0.3, per_prompt=True, prompt_groups=groups
     )
-    module = DDPOModule(
-        RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
-        reward,
-        num_steps=2,
-        guidance_scale=1.0,
-        train_batch_size=4,
-        advantages=PerPromptAdvantages(min_count=4),
-        sample_grid_every_n_epochs=0,
-        save_trained_on_end=False,
-        optimizer=lambda p: torch.optim.SGD(p, lr=10.0),
-    )
+    module = tracker_module(reward, optimizer=lambda p: torch.optim.SGD(p, lr=10.0))
     tracker = AttributeTracker(num_grid_images=4, eval_samples=6, eval_seed=7, threshold=0.3, per_prompt=True)
     trainer = tiny_trainer(tmp_path, epochs=2, callbacks=[tracker])
     data = SamplingDataModule(prompts=prompts, batch_size=8, num_batches_per_epoch=1, group_size=4)
@@ -162,16 +148,7 @@ def test_attribute_tracker_per_prompt_names_each_prompt_s_joint_classes(tmp_path
         per_prompt=True,
         prompt_groups={prompts[1]: [groups[prompts[1]], None]},
     )
-    module = DDPOModule(
-        RandomTextToImagePolicy("tiny-pixel", lora=LoRASettings(rank=2)),
-        reward,
-        num_steps=2,
-        guidance_scale=1.0,
-        train_batch_size=4,
-        advantages=PerPromptAdvantages(min_count=4),
-        sample_grid_every_n_epochs=0,
-        save_trained_on_end=False,
-    )
+    module = tracker_module(reward)
     tracker = AttributeTracker(num_grid_images=4, summary_samples=4, threshold=0.3, per_prompt=True)
     trainer = tiny_trainer(tmp_path, epochs=1, callbacks=[tracker])
     trainer.fit(module, SamplingDataModule(prompts=prompts, batch_size=8, num_batches_per_epoch=1, group_size=4))

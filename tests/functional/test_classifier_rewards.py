@@ -276,18 +276,25 @@ def test_joint_target_is_the_product_of_the_marginals():
         joint_target([None, None], [2, 2, 2])
 
 
-@pytest.mark.parametrize("marginals", [None, [[0.4, 0.6], [0.2, 0.3, 0.5]]])
-@pytest.mark.parametrize("per_key", [False, True])
-def test_joint_balance_matches_an_independent_computation(marginals, per_key):
-    generator = torch.Generator().manual_seed(11)
+def random_joint_case(seed, marginals, per_key):
+    """60 images' probabilities under a 2-class and a 3-class judge, keys (3 groups or None), the target
+    (uniform or the product of ``marginals``), the 6 (a, b) pairs in row-major order and their target shares."""
+    generator = torch.Generator().manual_seed(seed)
     first = torch.softmax(3 * torch.randn(60, 2, generator=generator), dim=1).double()
     second = torch.softmax(3 * torch.randn(60, 3, generator=generator), dim=1).double()
     keys = [i % 3 for i in range(60)] if per_key else None
     target = None if marginals is None else joint_target(marginals, [2, 3])
-    rewards = joint_balance_reward([first, second], 0.7, target, keys)
-    # independently: pairs of thresholded classes, counted with Python, joint shares over the 6 pairs
     pairs = [(a, b) for a in range(2) for b in range(3)]
     joint = [1 / 6] * 6 if marginals is None else [marginals[0][a] * marginals[1][b] for a, b in pairs]
+    return first, second, keys, target, pairs, joint
+
+
+@pytest.mark.parametrize("marginals", [None, [[0.4, 0.6], [0.2, 0.3, 0.5]]])
+@pytest.mark.parametrize("per_key", [False, True])
+def test_joint_balance_matches_an_independent_computation(marginals, per_key):
+    first, second, keys, target, pairs, joint = random_joint_case(11, marginals, per_key)
+    rewards = joint_balance_reward([first, second], 0.7, target, keys)
+    # independently: pairs of thresholded classes, counted with Python, joint shares over the 6 pairs
     labels = []
     for row_first, row_second in zip(first.tolist(), second.tolist(), strict=True):
         a, b = threshold_by_hand(row_first), threshold_by_hand(row_second)
@@ -387,17 +394,11 @@ def test_joint_probabilities_are_the_products_in_row_major_order():
 @pytest.mark.parametrize("marginals", [None, [[0.4, 0.6], [0.2, 0.3, 0.5]]])
 @pytest.mark.parametrize("per_key", [False, True])
 def test_expected_log_ratio_matches_an_independent_computation(marginals, per_key):
-    generator = torch.Generator().manual_seed(7)
-    first = torch.softmax(3 * torch.randn(60, 2, generator=generator), dim=1).double()
-    second = torch.softmax(3 * torch.randn(60, 3, generator=generator), dim=1).double()
-    keys = [i % 3 for i in range(60)] if per_key else None
-    target = None if marginals is None else joint_target(marginals, [2, 3])
+    first, second, keys, target, pairs, joint = random_joint_case(7, marginals, per_key)
     rewards = expected_log_ratio_reward([first, second], 0.7, target, keys)
     torch.testing.assert_close(
         joint_balance_reward([first, second], 0.7, target, keys, shaping="expected_log_ratio"), rewards
     )
-    pairs = [(a, b) for a in range(2) for b in range(3)]
-    joint = [1 / 6] * 6 if marginals is None else [marginals[0][a] * marginals[1][b] for a, b in pairs]
     rows_first, rows_second = first.tolist(), second.tolist()
     labels = []
     for row_first, row_second in zip(rows_first, rows_second, strict=True):
