@@ -37,6 +37,7 @@ from lightning_sdrl.functional.advantages import AdvantageRule, GroupRelativeAdv
 from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, all_finite, check_checkpoint_keys, check_finite_state
+from lightning_sdrl.modules.optimizers import build_optimizer
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.rewards.base import RewardModule, check_reward_output
 from lightning_sdrl.rewards.combination import MultiReward
@@ -175,10 +176,7 @@ class OnlineRLModule(GenerationModule, abc.ABC):
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self) -> Any:
         """The optimiser over the policy's trainable parameters (LoRA or the whole UNet), and its schedule."""
-        params = self.policy.trainable_parameters()
-        if not params:
-            raise ValueError("the policy has no trainable parameters; check its lora settings")
-        optimizer = self.optimizer_factory(params)
+        optimizer = build_optimizer(self.optimizer_factory, self.policy.parameter_groups())
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}

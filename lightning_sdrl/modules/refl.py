@@ -28,6 +28,7 @@ from lightning_sdrl.metrics.generation import GenerationMetrics
 from lightning_sdrl.modules.generation import GenerationModule
 from lightning_sdrl.modules.guards import NonFiniteGuard, check_checkpoint_keys, check_finite_state
 from lightning_sdrl.modules.hyperparameters import record_arguments
+from lightning_sdrl.modules.optimizers import build_optimizer
 from lightning_sdrl.policies.base import DiffusionPolicy
 from lightning_sdrl.policies.conditioning import Conditioning
 from lightning_sdrl.policies.sharding import is_sharded
@@ -105,8 +106,8 @@ class ReFLModule(GenerationModule):
         self._epoch_rewards: list[Tensor] = []
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The optimiser over the policy's trainable parameters."""
-        return self.optimizer_factory(self.policy.trainable_parameters())
+        """The optimiser over the policy's trainable parameters (LoRA ``lr_scales`` per layer)."""
+        return build_optimizer(self.optimizer_factory, self.policy.parameter_groups())
 
     def on_fit_start(self) -> None:
         """Keep a frozen reference denoiser for the KL term under full fine-tuning."""

@@ -291,6 +291,17 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         """The parameters the optimiser updates."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters as optimiser groups ``{"params": [...], "lr_scale": s}``.
+
+        One group of scale 1 unless the LoRA settings give some layers their own ``lr_scales``;
+        :func:`~lightning_sdrl.modules.optimizers.build_optimizer` applies the scales.
+        """
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if self.lora is None or not self.lora.lr_scales:
+            return [{"params": [p for _, p in named], "lr_scale": 1.0}]
+        return self.lora.parameter_groups(named)
+
     @property
     def device(self) -> torch.device:
         """Device of the denoiser."""

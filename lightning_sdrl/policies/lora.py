@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,18 +50,53 @@ class LoRASettings:
         alpha: LoRA scale numerator; the update is scaled by ``alpha / rank``. ``None`` uses ``rank``.
         target_modules: names of the linear/conv layers that get adapters.
         dropout: dropout on the adapter input.
+        lr_scales: multiplier of the optimiser's learning rate for the adapters of some of the
+            ``target_modules`` (``{"conv1": 0.02, "conv2": 0.02}``); adapters not named keep the
+            optimiser's rate. Layers that draw different things can need rates orders of magnitude
+            apart (docs/digits_debias_multi.md: attention vs. convolutions of the digits UNet).
     """
 
     rank: int = 4
     alpha: float | None = None
     target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
     dropout: float = 0.0
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"lora rank={self.rank}; expected >= 1 (or lora: null for full fine-tuning)")
         if not self.target_modules:
             raise ValueError("lora target_modules is empty; name at least one layer, e.g. ['to_q', 'to_v']")
+        unknown = sorted(set(self.lr_scales) - set(self.target_modules))
+        if unknown:
+            raise ValueError(
+                f"lora lr_scales names {unknown}, which are not in target_modules={self.target_modules}; "
+                "scale only layers that get adapters (or add them to target_modules)"
+            )
+        bad = {name: scale for name, scale in self.lr_scales.items() if not (math.isfinite(scale) and scale > 0)}
+        if bad:
+            raise ValueError(f"lora lr_scales {bad}; each scale must be a finite number > 0")
+
+    def lr_scale(self, parameter_name: str) -> float:
+        """The learning-rate multiplier of one adapter parameter (1 for layers ``lr_scales`` does not name).
+
+        The parameter's layer is its name up to ``.lora_`` (peft: ``<layer>.lora_A.<adapter>.weight``);
+        a ``lr_scales`` key names it as peft's ``target_modules`` do: the whole name or its last dotted
+        parts. When several keys match, the longest wins.
+        """
+        layer = parameter_name.split(".lora_", 1)[0]
+        matches = [key for key in self.lr_scales if layer == key or layer.endswith("." + key)]
+        return self.lr_scales[max(matches, key=len)] if matches else 1.0
+
+    def parameter_groups(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[dict]:
+        """Optimiser parameter groups ``{"params": [...], "lr_scale": s}``, one per distinct scale.
+
+        Groups follow the order of each scale's first parameter; parameters keep their order.
+        """
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, parameter in named_parameters:
+            groups.setdefault(self.lr_scale(name), []).append(parameter)
+        return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
     def config(self) -> LoraConfig:
         """The peft ``LoraConfig``; adapters start at zero so the policy starts pretrained."""
