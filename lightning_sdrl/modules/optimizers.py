@@ -35,7 +35,7 @@ def build_optimizer(
     if len(groups) == 1 and groups[0]["lr_scale"] == 1.0:
         return factory(list(groups[0]["params"]))
     # copies: an optimiser keeps (and its schedule changes) the very dicts it is given
-    optimizer = factory([dict(group) for group in groups if group["params"]])
+    optimizer = factory([dict(group) for group in groups])
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * group["lr_scale"]
     return optimizer

@@ -297,10 +297,9 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         One group of scale 1 unless the LoRA settings give some layers their own ``lr_scales``;
         :func:`~lightning_sdrl.modules.optimizers.build_optimizer` applies the scales.
         """
-        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        if self.lora is None or not self.lora.lr_scales:
-            return [{"params": [p for _, p in named], "lr_scale": 1.0}]
-        return self.lora.parameter_groups(named)
+        if self.lora is None:
+            return [{"params": self.trainable_parameters(), "lr_scale": 1.0}]
+        return self.lora.parameter_groups((name, p) for name, p in self.named_parameters() if p.requires_grad)
 
     @property
     def device(self) -> torch.device:
